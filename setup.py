@@ -1,0 +1,27 @@
+"""Builds the native engine sku_fast._C and maps kernels/ onto sku_fast.kernels.
+
+Everything else lives in pyproject.toml. The extension needs only a C++17 compiler and
+pybind11 (no torch), so `pip install .` works before torch is importable.
+"""
+
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+native_engine = Pybind11Extension(
+    "sku_fast._C",
+    sorted(glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+    extra_link_args=["-pthread"],
+)
+
+setup(
+    packages=["sku_fast", "sku_fast.commands", "sku_fast.kernels"],
+    package_dir={"sku_fast": "sku_fast", "sku_fast.kernels": "kernels"},
+    package_data={"sku_fast": ["demo_data/*"]},
+    ext_modules=[native_engine],
+    cmdclass={"build_ext": build_ext},
+)
