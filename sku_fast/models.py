@@ -82,7 +82,9 @@ def load_model(
     kwargs = {"dtype": dtype or torch.float32}
     try:
         if is_gguf(path):
-            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, **kwargs
+            )
         else:
             loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
