@@ -1,0 +1,676 @@
+"""PEFT LoRA adapters read and negated without the model.
+
+A LoRA adapter's task vector is exact and small: per adapted module, `τ = scaling · B·A`. This
+module reads an adapter directory (adapter_config.json + adapter_model.safetensors) with numpy
+only, so that `sku-fast negate` stays small in memory, and
+
+- `adapter_deltas` turns it into per-tensor deltas keyed by the BASE checkpoint's tensor names,
+  which the streaming engine merges row block by row block;
+- `negate_lora` writes the negated adapter itself: `lora_B` scaled by −λ gives `θ_o − λ·τ`
+  once merged, a few MB instead of a whole model.
+
+The scaling and orientation rules follow PEFT's LoRA layers (peft/tuners/lora/layer.py,
+`update_layer` and `get_delta_weight`; rank/alpha patterns as in peft/utils/other.py
+`get_pattern_key`). Adapters are small, so they are read whole; base checkpoints are only ever
+read tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sku_fast.errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ADAPTER_BIN = "adapter_model.bin"
+# PEFT saves every key of a causal LM adapter under the PeftModel's wrapper prefix.
+_PEFT_PREFIX = "base_model.model."
+_MAX_HEADER = 100 * 1024 * 1024
+# Inits that rewrite the base weights (the adapter only means something on the rewritten base).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+# safetensors dtype -> (numpy storage dtype, itemsize); BF16 is stored as raw uint16.
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("<f8", 8),
+    "F32": ("<f4", 4),
+    "F16": ("<f2", 2),
+    "BF16": ("<u2", 2),
+    "I64": ("<i8", 8),
+    "I32": ("<i4", 4),
+    "I16": ("<i2", 2),
+    "I8": ("i1", 1),
+    "U8": ("u1", 1),
+    "BOOL": ("?", 1),
+}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """`delta = scaling * (left @ right)`, the same shape [rows, cols] as the base tensor."""
+
+    left: np.ndarray  # fp32 [rows, r], C-contiguous
+    right: np.ndarray  # fp32 [r, cols], C-contiguous
+    scaling: float
+
+
+@dataclass(frozen=True)
+class ReplacedTensor:
+    """A tensor stored whole in the adapter file (modules_to_save): its tuned value."""
+
+    path: str  # the adapter's .safetensors file
+    name: str  # tensor name inside that file
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # byte offsets relative to the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    path: Path
+    metadata: dict[str, str] | None
+    entries: dict[str, _Entry]
+    data_start: int  # absolute file offset of the data section
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _read_header(path: Path) -> _Header:
+    """Parse and validate a safetensors header (the safetensors crate's rules) without the data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"version https://git-lfs"):
+                raise CheckpointError(
+                    f"{path}: is a Git-LFS pointer, not the file; run `git lfs pull` first"
+                )
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: header length {n} exceeds {_MAX_HEADER} bytes")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} runs past the file ({size} B)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid JSON header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        entries[name] = _parse_entry(path, name, info)
+    # Offsets must tile the data section exactly: sorted, contiguous, no gaps, no trailing bytes.
+    cursor = 0
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if e.start != cursor:
+            what = "overlaps the previous tensor" if e.start < cursor else "leaves a gap"
+            raise CheckpointError(
+                f"{path}: tensor {e.name!r} starts at {e.start}, expected {cursor} ({what})"
+            )
+        cursor = e.end
+    if 8 + n + cursor != size:
+        raise CheckpointError(
+            f"{path}: tensors end at byte {8 + n + cursor} but the file has {size} bytes"
+        )
+    return _Header(path, metadata, entries, 8 + n)
+
+
+def _parse_entry(path: Path, name: str, info: object) -> _Entry:
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name!r}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
+    ok_shape = isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    )
+    ok_offsets = (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+    if not ok_shape or not ok_offsets:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: bad shape {shape!r} or data_offsets {offsets!r}"
+        )
+    nbytes = math.prod(shape) * _DTYPES[dtype][1]  # Python ints: no overflow
+    if nbytes != offsets[1] - offsets[0]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: shape {shape} x {dtype} is {nbytes} bytes but "
+            f"data_offsets {offsets} span {offsets[1] - offsets[0]}"
+        )
+    return _Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _read_raw(header: _Header, name: str) -> bytes:
+    e = header.entries[name]
+    try:
+        with open(header.path, "rb") as f:
+            f.seek(header.data_start + e.start)
+            raw = f.read(e.end - e.start)
+    except OSError as err:
+        raise CheckpointError(f"{header.path}: tensor {name!r}: cannot read: {err}") from err
+    if len(raw) != e.end - e.start:
+        raise CheckpointError(f"{header.path}: tensor {name!r}: file shrank while reading")
+    return raw
+
+
+def _to_float(raw: bytes, e: _Entry) -> np.ndarray:
+    """Stored bytes -> fp32 array (fp64 for F64), shaped like the tensor."""
+    a = np.frombuffer(raw, dtype=_DTYPES[e.dtype][0]).reshape(e.shape)
+    if e.dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float64 if e.dtype == "F64" else np.float32)
+
+
+def _from_float(x: np.ndarray, dtype: str) -> bytes:
+    """fp32/fp64 array -> bytes of `dtype`, rounded once to nearest even (NaN kept)."""
+    if dtype != "BF16":
+        return np.ascontiguousarray(x, dtype=_DTYPES[dtype][0]).tobytes()
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype("<u2")
+    rounded[np.isnan(x)] = 0x7FC0  # the quiet NaN torch produces
+    return rounded.tobytes()
+
+
+def _write_safetensors(
+    path: Path, metadata: dict[str, str] | None, tensors: list[tuple[str, str, tuple, bytes]]
+) -> None:
+    """Write (name, dtype, shape, bytes) tensors in the given order, then fsync."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, raw in tensors:
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        offset += len(raw)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for *_, raw in tensors:
+            f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- adapter parsing
+
+
+@dataclass(frozen=True)
+class _Module:
+    """One LoRA-adapted module of the adapter."""
+
+    module: str  # module name in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    embedding: bool  # lora_embedding_A/B (an nn.Embedding) instead of lora_A/B
+    a: str  # tensor names in the adapter file
+    b: str
+    scaling: float
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    directory: Path
+    header: _Header
+    modules: dict[str, _Module]  # base tensor name -> module
+    replaced: dict[str, str]  # base tensor name -> adapter tensor name (whole tuned value)
+    base_copies: dict[str, str]  # base tensor name -> copy of the base layer saved with a delta
+    fan_in_fan_out: bool
+
+
+_LORA_KEY = re.compile(r"^(.+)\.lora_(A|B)(?:\.([^.]+))?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(.+)\.lora_embedding_(A|B)(?:\.([^.]+))?$")
+_SAVED_MODULE_KEY = re.compile(r"^(.+)\.modules_to_save(?:\.[^.]+)?\.([^.]+)$")
+_BASE_LAYER_KEY = re.compile(r"^(.+)\.base_layer\.([^.]+)$")
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a PEFT adapter directory: it has adapter_config.json, or holds no checkpoint
+    itself and has subdirectories that do (PEFT saves adapters not named "default" there)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / ADAPTER_CONFIG).is_file():
+        return True
+    if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists():
+        return False
+    return bool(_adapter_subdirs(p))
+
+
+def _adapter_subdirs(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir() and (d / ADAPTER_CONFIG).is_file())
+
+
+def _resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory; a PEFT adapter is a directory")
+    if (p / ADAPTER_CONFIG).is_file():
+        return p
+    subdirs = _adapter_subdirs(p)
+    if len(subdirs) == 1:
+        return subdirs[0]
+    if subdirs:
+        names = ", ".join(d.name for d in subdirs)
+        raise CheckpointError(f"{p}: holds several adapters ({names}); pass one of their folders")
+    raise CheckpointError(f"{p}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+
+
+def _load_config(directory: Path) -> dict:
+    path = directory / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable adapter config: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: adapter config is not a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CheckpointError(
+            f"{path}: peft_type is {peft_type!r}; only LoRA adapters are supported"
+        )
+    if config.get("use_dora"):
+        raise CheckpointError(
+            f"{path}: DoRA adapter (use_dora=true): its delta is not scaling·B·A, it rescales "
+            "whole weight columns; merge it with PEFT (merge_and_unload) and negate the full model"
+        )
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise CheckpointError(f"{path}: r must be a positive integer, got {r!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)):
+        raise CheckpointError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in pattern.values()
+        ):
+            raise CheckpointError(f"{path}: {key} must map module patterns to numbers")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise CheckpointError(
+            f"{path}: init_lora_weights={init!r} rewrites the base weights, so the adapter is not "
+            "a delta on the original model; convert it with PEFT's "
+            "path_initial_model_for_weight_conversion first"
+        )
+    for key, what in (
+        ("lora_bias", "LoRA biases"),
+        ("target_parameters", "adapters on nn.Parameters"),
+        ("trainable_token_indices", "trainable tokens"),
+        ("layer_replication", "layer replication"),
+    ):
+        if config.get(key):
+            raise CheckpointError(f"{path}: {key} is set; {what} are not supported")
+    return config
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's get_pattern_key: the first pattern P with re.match(rf"(.*\\.)?({P})$", module)."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"bad module pattern {key!r} in the adapter config: {e}") from e
+    return default
+
+
+def _scaling(config: dict, module: str) -> tuple[int, float]:
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return int(r), alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _load_adapter(path: str | os.PathLike) -> _Adapter:
+    directory = _resolve_adapter_dir(path)
+    config = _load_config(directory)
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (directory / _ADAPTER_BIN).is_file():
+            raise CheckpointError(
+                f"{directory / _ADAPTER_BIN}: pickled .bin adapters are not read (unsafe to "
+                "unpickle); re-save it with PEFT's save_pretrained(safe_serialization=True)"
+            )
+        raise CheckpointError(f"{weights}: missing; the adapter has no weights file")
+    header = _read_header(weights)
+
+    halves: dict[tuple[str, bool], dict[str, str]] = {}  # (module, embedding) -> {"A": key, ...}
+    replaced: dict[str, str] = {}
+    base_layer: dict[str, str] = {}
+    adapter_names: set[str] = set()
+    for key in header.entries:
+        name = key.removeprefix(_PEFT_PREFIX)
+        if "lora_magnitude_vector" in name:
+            raise CheckpointError(
+                f"{weights}: tensor {key!r} is a DoRA magnitude vector; DoRA adapters are not "
+                "scaling·B·A deltas: merge with PEFT (merge_and_unload) and negate the full model"
+            )
+        m = _LORA_KEY.match(name) or _EMBEDDING_KEY.match(name)
+        if m:
+            module, half, adapter_name = m.groups()
+            if adapter_name:
+                adapter_names.add(adapter_name)
+            slot = halves.setdefault((module, "lora_embedding_" in name), {})
+            if half in slot:
+                raise CheckpointError(
+                    f"{weights}: tensor {key!r}: module {module!r} has two {half}s"
+                )
+            slot[half] = key
+            continue
+        if ".lora_" in name or "trainable_tokens" in name:
+            raise CheckpointError(f"{weights}: tensor {key!r}: unsupported adapter tensor kind")
+        if m := _SAVED_MODULE_KEY.match(name):
+            replaced[f"{m[1]}.{m[2]}"] = key
+        elif m := _BASE_LAYER_KEY.match(name):
+            base_layer[f"{m[1]}.{m[2]}"] = key
+        else:
+            replaced[name] = key  # modules_to_save as PEFT saves them: the plain module name
+    if len(adapter_names) > 1:
+        raise CheckpointError(
+            f"{weights}: holds tensors of several adapters ({', '.join(sorted(adapter_names))})"
+        )
+
+    modules: dict[str, _Module] = {}
+    for (module, embedding), slot in sorted(halves.items()):
+        for half in ("A", "B"):
+            if half not in slot:
+                other = next(iter(slot.values()))
+                raise CheckpointError(
+                    f"{weights}: tensor {other!r}: module {module!r} has no lora_{half}"
+                )
+        a, b = header.entries[slot["A"]], header.entries[slot["B"]]
+        for e in (a, b):
+            if e.dtype not in _FLOAT_DTYPES or len(e.shape) != 2:
+                raise CheckpointError(
+                    f"{weights}: tensor {e.name!r}: {e.dtype} {list(e.shape)}; expected a 2-D "
+                    "float matrix (convolution and quantised LoRA layers are not supported)"
+                )
+        r, scaling = _scaling(config, module)
+        # lora_A [r, in] / lora_B [out, r]; lora_embedding_A [r, num] / lora_embedding_B [dim, r]
+        if a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(
+                f"{weights}: module {module!r}: rank {r} from the config (r / rank_pattern) but "
+                f"A is {list(a.shape)} and B is {list(b.shape)}"
+            )
+        modules[f"{module}.weight"] = _Module(module, embedding, a.name, b.name, scaling)
+
+    base_copies: dict[str, str] = {}
+    for name, key in base_layer.items():
+        # PEFT saves the base embedding beside an embedding adapter (save_embedding_layers); the
+        # adapter is a delta on that copy, which equals the base unless the vocabulary was resized
+        # (then the shapes differ and adapter_deltas refuses it).
+        (base_copies if name in modules else replaced)[name] = key
+    for name in replaced.keys() & modules.keys():
+        raise CheckpointError(
+            f"{weights}: tensor {replaced[name]!r}: {name!r} is both replaced and LoRA-adapted"
+        )
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    return _Adapter(directory, header, modules, replaced, base_copies, fan_in_fan_out)
+
+
+def _orientation(adapter: _Adapter, name: str, base_shape: tuple[int, ...]) -> bool:
+    """Whether the delta is (B·A)ᵀ for `name`; raises on a shape mismatch."""
+    mod = adapter.modules[name]
+    a_shape, b_shape = adapter.header.entries[mod.a].shape, adapter.header.entries[mod.b].shape
+    plain, transposed = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
+    if mod.embedding:
+        fits = {True: base_shape == transposed}
+    else:
+        # PEFT picks the orientation from the layer type (nn.Linear [out, in] vs GPT-2's Conv1D
+        # [in, out]) whatever fan_in_fan_out says; without the model, the shape tells them apart,
+        # and only a square weight needs the config's flag.
+        fits = {False: base_shape == plain, True: base_shape == transposed}
+        if all(fits.values()):
+            return adapter.fan_in_fan_out
+    for orientation, ok in fits.items():
+        if ok:
+            return orientation
+    raise CheckpointError(
+        f"{adapter.header.path}: module {mod.module!r}: lora A {list(a_shape)} and B "
+        f"{list(b_shape)} give a {list(plain)} delta but base tensor {name!r} is {list(base_shape)}"
+    )
+
+
+def _check_against_base(adapter: _Adapter, base_shapes: dict[str, tuple[int, ...]]) -> None:
+    path = adapter.header.path
+    used = {name: mod.a for name, mod in adapter.modules.items()} | adapter.replaced
+    for name, key in used.items():
+        if name not in base_shapes:
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: the base checkpoint has no tensor {name!r}"
+            )
+    for name, key in [*adapter.replaced.items(), *adapter.base_copies.items()]:
+        shape = adapter.header.entries[key].shape
+        if tuple(base_shapes[name]) != shape:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {list(shape)} but base tensor {name!r} is "
+                f"{list(base_shapes[name])}"
+            )
+
+
+def adapter_deltas(
+    adapter_dir: str | os.PathLike, base_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, LowRankDelta | ReplacedTensor]:
+    """Per-tensor deltas of a PEFT LoRA adapter, keyed by the base checkpoint's tensor names.
+
+    `base_shapes` maps every base tensor name to its shape. A LoRA module gives a `LowRankDelta`
+    whose `scaling * left @ right` has the base tensor's shape (fan_in_fan_out and embedding
+    transposes already applied); a `modules_to_save` tensor gives a `ReplacedTensor` pointing at
+    its tuned value in the adapter file. Base tensors not in the result are unchanged.
+    Raises CheckpointError naming the file, the tensor and the problem.
+    """
+    adapter = _load_adapter(adapter_dir)
+    _check_against_base(adapter, base_shapes)
+    out: dict[str, LowRankDelta | ReplacedTensor] = {}
+    for name, mod in adapter.modules.items():
+        transposed = _orientation(adapter, name, tuple(base_shapes[name]))
+        a, b = (
+            _to_float(_read_raw(adapter.header, k), adapter.header.entries[k])
+            for k in (mod.a, mod.b)
+        )
+        left, right = (a.T, b.T) if transposed else (b, a)  # [rows, r], [r, cols]
+        out[name] = LowRankDelta(
+            left=np.ascontiguousarray(left, dtype=np.float32),
+            right=np.ascontiguousarray(right, dtype=np.float32),
+            scaling=float(mod.scaling),
+        )
+    for name, key in adapter.replaced.items():
+        out[name] = ReplacedTensor(path=str(adapter.header.path), name=key)
+    return out
+
+
+# ----------------------------------------------------------------------------- negation
+
+
+def _base_headers(base: str | os.PathLike) -> dict[str, _Header]:
+    """Base tensor name -> header of the safetensors file holding it (file, dir or sharded dir)."""
+    p = Path(base)
+    if p.is_file():
+        files = [p]
+    elif (p / "model.safetensors.index.json").is_file():
+        index_path = p / "model.safetensors.index.json"
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({p / f for f in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable shard index: {e}") from e
+    elif (p / "model.safetensors").is_file():
+        files = [p / "model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{p}: not a safetensors checkpoint (a .safetensors file, or a directory with "
+            "model.safetensors or model.safetensors.index.json)"
+        )
+    found: dict[str, _Header] = {}
+    for f in files:
+        header = _read_header(f)
+        for name in header.entries:
+            found[name] = header
+    return found
+
+
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    target = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if target == src or src in target.parents:
+            raise CheckpointError(
+                f"{out}: output is or is inside the input {src}; pick another path"
+            )
+        if target in src.parents:
+            raise CheckpointError(f"{out}: output contains the input {src}; pick another path")
+    if out.exists() and not overwrite:
+        raise CheckpointError(
+            f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def negate_lora(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    scale: float = 1.0,
+    *,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the negated LoRA adapter: merged onto the base it gives `θ_o − scale·τ`.
+
+    Every `lora_B` / `lora_embedding_B` is multiplied by `−scale` (fp32, rounded once to its
+    dtype); other tensors, adapter_config.json and the other files are copied unchanged. Tensors
+    stored whole (`modules_to_save`) need the base values, `(1 + scale)·base − scale·tuned`:
+    pass `base` (a .safetensors file or a model directory) for those adapters. The input is never
+    modified; the output directory appears atomically. Returns the output path.
+    """
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    out = Path(out)
+    adapter_ = _load_adapter(adapter)
+    header = adapter_.header
+    _check_output(out, [adapter_.directory] + ([Path(base)] if base is not None else []), overwrite)
+
+    base_headers: dict[str, _Header] = {}
+    if base is not None:
+        base_headers = _base_headers(base)
+        shapes = {name: h.entries[name].shape for name, h in base_headers.items()}
+        _check_against_base(adapter_, shapes)
+        for name in adapter_.modules:
+            _orientation(adapter_, name, shapes[name])
+    elif adapter_.replaced:
+        names = ", ".join(sorted(adapter_.replaced))
+        raise CheckpointError(
+            f"{header.path}: stores whole tensors (modules_to_save: {names}); their negation "
+            "(1 + λ)·base − λ·tuned needs the base model: pass base=PATH (CLI: --base PATH)"
+        )
+
+    b_keys = {mod.b for mod in adapter_.modules.values()}
+    replaced_keys = {key: name for name, key in adapter_.replaced.items()}
+    tensors = []
+    for e in sorted(header.entries.values(), key=lambda e: e.start):
+        raw = _read_raw(header, e.name)
+        if e.name in b_keys:
+            raw = _from_float(_to_float(raw, e) * -scale, e.dtype)
+        elif e.name in replaced_keys:
+            raw = _negated_whole(
+                header, e, raw, base_headers[replaced_keys[e.name]], replaced_keys[e.name], scale
+            )
+        tensors.append((e.name, e.dtype, e.shape, raw))
+
+    def write(tmp: Path) -> None:
+        for f in sorted(adapter_.directory.iterdir()):
+            if f.is_file() and f.name != ADAPTER_WEIGHTS:
+                shutil.copyfile(f, tmp / f.name)
+                _fsync(tmp / f.name)
+        _write_safetensors(tmp / ADAPTER_WEIGHTS, header.metadata, tensors)
+
+    _write_dir_atomically(out, write)
+    return out
+
+
+def _negated_whole(
+    header: _Header, e: _Entry, raw: bytes, base: _Header, base_name: str, scale: float
+) -> bytes:
+    """(1 + λ)·base − λ·tuned for a tensor stored whole, rounded once to the adapter's dtype."""
+    base_entry = base.entries[base_name]
+    if base_entry.dtype not in _FLOAT_DTYPES or e.dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{header.path}: tensor {e.name!r} is {e.dtype} and base {base_name!r} is "
+            f"{base_entry.dtype}; only float tensors can be negated"
+        )
+    wide = np.float64 if "F64" in (e.dtype, base_entry.dtype) else np.float32
+    tuned = _to_float(raw, e).astype(wide)
+    theta = _to_float(_read_raw(base, base_name), base_entry).astype(wide)
+    return _from_float(theta - wide(scale) * (tuned - theta), e.dtype)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_dir_atomically(out: Path, write) -> None:
+    """Build the output in a temporary directory beside `out`, fsync it, then rename it into
+    place (an existing `out` is moved aside first and removed only once the new one is in)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        _fsync(tmp)
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rename(out, old / "x")
+        os.rename(tmp, out)
+        _fsync(out.parent)
+    except OSError as e:
+        if old is not None and not out.exists():
+            os.rename(old / "x", out)  # put the previous output back
+        raise CheckpointError(f"{out}: cannot write the output: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
