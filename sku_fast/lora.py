@@ -106,18 +106,19 @@ def _read_header(path: Path) -> _Header:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(64)
             if head.startswith(b"version https://git-lfs"):
                 raise CheckpointError(
                     f"{path}: is a Git-LFS pointer, not the file; run `git lfs pull` first"
                 )
             if len(head) < 8:
                 raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
-            n = int.from_bytes(head, "little")
+            n = int.from_bytes(head[:8], "little")
             if n > _MAX_HEADER:
                 raise CheckpointError(f"{path}: header length {n} exceeds {_MAX_HEADER} bytes")
             if 8 + n > size:
                 raise CheckpointError(f"{path}: header length {n} runs past the file ({size} B)")
+            f.seek(8)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
