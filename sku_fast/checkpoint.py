@@ -1,0 +1,192 @@
+"""safetensors checkpoint layouts: single files, single-file directories and sharded directories.
+
+Headers are read and validated by the native core (`sku_fast._C.read_header`, the rules of the
+safetensors reference implementation plus a refusal of duplicate keys); this module adds the
+layout on top: which files make up a checkpoint, the shard index, and the checks across inputs.
+Nothing here reads tensor data, and nothing imports torch or numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sku_fast import _C
+from sku_fast.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# dtypes the engine does arithmetic on; every other dtype is copied from the base
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file; `offset` is the absolute byte offset in `file`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    path: Path
+    metadata: dict[str, str]
+    tensors: tuple[TensorEntry, ...]  # in data order
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model's weights. `kind` is "file", "directory" (one model.safetensors) or "sharded"."""
+
+    path: Path
+    kind: str
+    files: tuple[SafetensorsFile, ...]
+    index: dict | None  # the parsed model.safetensors.index.json of a sharded checkpoint
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent if self.kind == "file" else self.path
+
+    def entries(self) -> Iterator[TensorEntry]:
+        for file in self.files:
+            yield from file.tensors
+
+    def tensor_map(self) -> dict[str, TensorEntry]:
+        return {entry.name: entry for entry in self.entries()}
+
+
+def read_file(path: str | os.PathLike) -> SafetensorsFile:
+    """Read and validate one .safetensors header (raises CheckpointError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    header = _C.read_header(str(path))
+    start = header["data_start"]
+    tensors = tuple(
+        TensorEntry(name, dtype, tuple(shape), path, start + begin, end - begin)
+        for name, dtype, shape, begin, end in header["tensors"]
+    )
+    return SafetensorsFile(path, dict(header["metadata"]), tensors)
+
+
+def _load_index(path: Path) -> dict:
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        index = json.loads(path.read_bytes(), object_pairs_hook=no_duplicates)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: invalid JSON: {error}") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f'{path}: needs a "weight_map" of tensor name -> shard file name')
+    for shard in set(weight_map.values()):
+        # shards live beside the index; a path in the name could point anywhere
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{path}: shard name {shard!r} is not a plain file name")
+    return index
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a .safetensors file, a directory holding model.safetensors (or one .safetensors
+    file), or a sharded directory with model.safetensors.index.json; validate every header and
+    the index (every listed tensor in its shard, every shard tensor listed)."""
+    path = Path(path)
+    if path.is_file():
+        return Checkpoint(path, "file", (read_file(path),), None)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    index_path = path / INDEX_NAME
+    if index_path.is_file():
+        index = _load_index(index_path)
+        weight_map: dict[str, str] = index["weight_map"]
+        shard_names = list(dict.fromkeys(weight_map.values()))
+        files = []
+        for name in shard_names:
+            if not (path / name).is_file():
+                raise CheckpointError(f"{index_path}: shard {name} does not exist")
+            files.append(read_file(path / name))
+        for file in files:
+            for entry in file.tensors:
+                listed = weight_map.get(entry.name)
+                if listed != file.path.name:
+                    raise CheckpointError(
+                        f"{file.path}: tensor {entry.name!r} is not listed for this shard in "
+                        f"{INDEX_NAME} (listed: {listed})"
+                    )
+        present = {entry.name for file in files for entry in file.tensors}
+        for name, shard in weight_map.items():
+            if name not in present:
+                raise CheckpointError(
+                    f"{path / shard}: tensor {name!r} listed in the index is missing"
+                )
+        return Checkpoint(path, "sharded", tuple(files), index)
+    if (path / SINGLE_NAME).is_file():
+        return Checkpoint(path, "directory", (read_file(path / SINGLE_NAME),), None)
+    candidates = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if len(candidates) == 1:
+        return Checkpoint(path, "directory", (read_file(candidates[0]),), None)
+    raise CheckpointError(
+        f"{path}: found {len(candidates)} .safetensors files and no {INDEX_NAME}; expected "
+        f"{SINGLE_NAME}, a single .safetensors file or a sharded checkpoint"
+    )
+
+
+def check_tensor(base: TensorEntry, dtype: str, shape: tuple[int, ...], where: Path) -> None:
+    """A tuned tensor must match its base tensor in dtype and shape."""
+    if tuple(shape) != base.shape:
+        raise CheckpointError(
+            f"{where}: tensor {base.name!r} has shape {list(shape)} but the base "
+            f"({base.file}) has {list(base.shape)}"
+        )
+    if dtype != base.dtype:
+        raise CheckpointError(
+            f"{where}: tensor {base.name!r} has dtype {dtype} but the base ({base.file}) has "
+            f"{base.dtype}"
+        )
+
+
+def check_compatible(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Same tensor names, shapes and dtypes (shard layouts may differ)."""
+    base_map = base.tensor_map()
+    tuned_map = tuned.tensor_map()
+    missing = sorted(set(base_map) - set(tuned_map))
+    extra = sorted(set(tuned_map) - set(base_map))
+    if missing:
+        raise CheckpointError(
+            f"{tuned.path}: lacks tensor {missing[0]!r} of the base {base.path}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    if extra:
+        raise CheckpointError(
+            f"{tuned.path}: has tensor {extra[0]!r} that the base {base.path} lacks"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    for name, entry in tuned_map.items():
+        check_tensor(base_map[name], entry.dtype, entry.shape, entry.file)
