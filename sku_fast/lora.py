@@ -579,9 +579,10 @@ def negate_lora(
 
     Every `lora_B` / `lora_embedding_B` is multiplied by `−scale` (fp32, rounded once to its
     dtype); other tensors, adapter_config.json and the other files are copied unchanged. Tensors
-    stored whole (`modules_to_save`) need the base values, `(1 + scale)·base − scale·tuned`:
-    pass `base` (a .safetensors file or a model directory) for those adapters. The input is never
-    modified; the output directory appears atomically. Returns the output path.
+    stored whole (`modules_to_save`, biases trained with bias="all"/"lora_only") become
+    `base − scale·(tuned − base)`, which needs the base values: pass `base` (a .safetensors file,
+    or a model directory, sharded or not) for those adapters; otherwise CheckpointError says so.
+    The input is never modified; the output directory appears atomically. Returns its path.
     """
     scale = float(scale)
     if not math.isfinite(scale):
@@ -599,10 +600,12 @@ def negate_lora(
         for name in adapter_.modules:
             _orientation(adapter_, name, shapes[name])
     elif adapter_.replaced:
-        names = ", ".join(sorted(adapter_.replaced))
+        names = sorted(adapter_.replaced)
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         raise CheckpointError(
-            f"{header.path}: stores whole tensors (modules_to_save: {names}); their negation "
-            "(1 + λ)·base − λ·tuned needs the base model: pass base=PATH (CLI: --base PATH)"
+            f"{header.path}: stores tensors whole (modules_to_save or trained biases: {shown}); "
+            "their negation base − λ·(tuned − base) needs the base model: pass base=PATH "
+            "(CLI: --base PATH)"
         )
 
     b_keys = {mod.b for mod in adapter_.modules.values()}
@@ -632,7 +635,7 @@ def negate_lora(
 def _negated_whole(
     header: _Header, e: _Entry, raw: bytes, base: _Header, base_name: str, scale: float
 ) -> bytes:
-    """(1 + λ)·base − λ·tuned for a tensor stored whole, rounded once to the adapter's dtype."""
+    """base − λ·(tuned − base) for a tensor stored whole, rounded once to the adapter's dtype."""
     base_entry = base.entries[base_name]
     if base_entry.dtype not in _FLOAT_DTYPES or e.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(

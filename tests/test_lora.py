@@ -49,8 +49,16 @@ def _llama() -> LlamaForCausalLM:
 
 
 def _gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=67, n_positions=16)
-    config.bos_token_id = config.eos_token_id = 0  # GPT-2's 50256 is outside the tiny vocab
+    # GPT-2's bos/eos 50256 would lie outside the tiny vocabulary
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=67,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -155,6 +163,18 @@ CASES = {
         {"model.embed_tokens.weight"}
         | {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)},
     ),
+    "trained_biases": (  # bias="all": every bias is stored whole and replaces the base's
+        _gpt2,
+        dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, bias="all"),
+        "default",
+        {f"transformer.h.{i}.attn.c_attn.weight" for i in (0, 1)}
+        | {
+            f"transformer.h.{i}.{m}.bias"
+            for i in (0, 1)
+            for m in ("attn.c_attn", "attn.c_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        }
+        | {"transformer.ln_f.bias"},
+    ),
     "modules_to_save": (
         _llama,
         dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
@@ -162,6 +182,9 @@ CASES = {
         {"lm_head.weight"} | {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)},
     ),
 }
+
+
+NEEDS_BASE = {"modules_to_save", "trained_biases"}  # adapters with tensors stored whole
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -237,7 +260,7 @@ def test_negate_lora_loads_in_peft_and_merges_to_negation(case, tmp_path, scale)
     name, c = case
     before = _tree_digest(c.adapter_dir)
     make_model = CASES[name][0]
-    base_arg = c.base_dir if name == "modules_to_save" else None
+    base_arg = c.base_dir if name in NEEDS_BASE else None
     out = negate_lora(c.adapter_dir, tmp_path / "neg", scale=scale, base=base_arg)
     assert out == tmp_path / "neg"
     assert _tree_digest(c.adapter_dir) == before  # input untouched
@@ -247,11 +270,14 @@ def test_negate_lora_loads_in_peft_and_merges_to_negation(case, tmp_path, scale)
         torch.testing.assert_close(got[key], want, rtol=0, atol=3e-6, msg=key)
     # everything but lora_B / modules_to_save tensors is byte-identical to the input
     src, dst = load_file(_weights(c.adapter_dir)), load_file(out / ADAPTER_WEIGHTS)
+    deltas = adapter_deltas(c.adapter_dir, _shapes(c)).values()
+    replaced = {d.name for d in deltas if isinstance(d, ReplacedTensor)}
+    assert bool(replaced) == (name in NEEDS_BASE)
     assert src.keys() == dst.keys()
     for key in src:
         if ".lora_B" in key or ".lora_embedding_B" in key:
             assert torch.equal(dst[key], src[key] * -scale), key
-        elif key.endswith("lm_head.weight"):
+        elif key in replaced:
             assert not torch.equal(dst[key], src[key])
         else:
             assert torch.equal(dst[key], src[key]), key
@@ -414,7 +440,10 @@ def test_base_mismatch_refused(plain):
 
 
 def test_modules_to_save_needs_base(tmp_path, plain):
-    with pytest.raises(CheckpointError, match=r"modules_to_save: lm_head\.weight.*pass base=PATH"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"whole \(modules_to_save or trained biases: lm_head\.weight\).*pass base=PATH",
+    ):
         negate_lora(plain.adapter_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -457,3 +486,30 @@ def test_failed_write_leaves_nothing(tmp_path, plain, monkeypatch):
         negate_lora(plain.adapter_dir, out, base=plain.base_dir, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["keep"]  # the previous output is still there
+
+
+# ----------------------------------------------------------------------------- with the engine
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.75])
+def test_engine_negate_with_adapter_matches_peft(case, tmp_path, scale):
+    """negate(base, adapter) streams θ_o − λ·τ; it equals PEFT's merge of the negated adapter."""
+    from sku_fast.arithmetic import negate
+
+    name, c = case
+    before = _tree_digest(c.adapter_dir)
+    out = negate(c.base_dir, c.adapter_dir, tmp_path / "out", scale=scale, threads=2)
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == c.base.keys()
+    for key, base in c.base.items():
+        want = base - scale * (c.merged[key] - base)
+        assert got[key].dtype == base.dtype
+        torch.testing.assert_close(got[key], want, rtol=0, atol=3e-6, msg=key)
+    assert _tree_digest(c.adapter_dir) == before
+
+    # the negated adapter merged by PEFT and the engine's output agree
+    base_arg = c.base_dir if name in NEEDS_BASE else None
+    negated = negate_lora(c.adapter_dir, tmp_path / "neg", scale=scale, base=base_arg)
+    peft_merged = _peft_merge(c.base_dir, negated, CASES[name][0])
+    for key in c.base:
+        torch.testing.assert_close(got[key], peft_merged[key], rtol=0, atol=3e-6, msg=key)
