@@ -440,12 +440,24 @@ def test_base_mismatch_refused(plain):
 
 
 def test_modules_to_save_needs_base(tmp_path, plain):
+    """Stored-whole tensors need the base: refused without it; a file, a directory and a sharded
+    directory all give the same bytes."""
     with pytest.raises(
         CheckpointError,
         match=r"whole \(modules_to_save or trained biases: lm_head\.weight\).*pass base=PATH",
     ):
         negate_lora(plain.adapter_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(plain.base_dir).save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    outputs = [
+        negate_lora(plain.adapter_dir, tmp_path / f"out{i}", scale=0.5, base=base)
+        for i, base in enumerate([plain.base_dir, plain.base_dir / "model.safetensors", sharded])
+    ]
+    digests = [_tree_digest(out) for out in outputs]
+    assert digests[0] == digests[1] == digests[2]
 
 
 def test_output_paths(tmp_path, plain):
