@@ -53,7 +53,8 @@ def combine_reference(
                 delta = _low_rank(*source).astype(np_dtype)
             else:
                 delta = source.to(torch.float64 if wide else torch.float32).numpy() - b_np
-            acc = acc + w * delta
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, as intended
+                acc = acc + w * delta
         acc = np.array(acc, dtype=np_dtype).reshape(b.shape)  # 0-d results come back as scalars
         out[name] = torch.from_numpy(acc).to(out_dtype)
     return out
