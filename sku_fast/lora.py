@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,26 +213,29 @@ def _from_float(x: np.ndarray, dtype: str) -> bytes:
 
 
 def _write_safetensors(
-    path: Path, metadata: dict[str, str] | None, tensors: list[tuple[str, str, tuple, bytes]]
+    path: Path,
+    metadata: dict[str, str] | None,
+    entries: list[_Entry],
+    produce: Callable[[_Entry], bytes],
 ) -> None:
-    """Write (name, dtype, shape, bytes) tensors in the given order, then fsync."""
+    """Write `entries` (their dtype and shape; offsets in this order) with the bytes `produce`
+    gives for each, one tensor in memory at a time, then fsync."""
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = metadata
     offset = 0
-    for name, dtype, shape, raw in tensors:
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        offset += len(raw)
+    for e in entries:
+        end = offset + e.end - e.start
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, end]}
+        offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned, as safetensors does
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for *_, raw in tensors:
+        for e in entries:
+            raw = produce(e)
+            assert len(raw) == e.end - e.start, e.name
             f.write(raw)
         f.flush()
         os.fsync(f.fileno())
@@ -610,23 +614,23 @@ def negate_lora(
 
     b_keys = {mod.b for mod in adapter_.modules.values()}
     replaced_keys = {key: name for name, key in adapter_.replaced.items()}
-    tensors = []
-    for e in sorted(header.entries.values(), key=lambda e: e.start):
+
+    def produce(e: _Entry) -> bytes:
         raw = _read_raw(header, e.name)
         if e.name in b_keys:
-            raw = _from_float(_to_float(raw, e) * -scale, e.dtype)
-        elif e.name in replaced_keys:
-            raw = _negated_whole(
-                header, e, raw, base_headers[replaced_keys[e.name]], replaced_keys[e.name], scale
-            )
-        tensors.append((e.name, e.dtype, e.shape, raw))
+            return _from_float(_to_float(raw, e) * -scale, e.dtype)
+        if e.name in replaced_keys:
+            name = replaced_keys[e.name]
+            return _negated_whole(header, e, raw, base_headers[name], name, scale)
+        return raw
 
     def write(tmp: Path) -> None:
         for f in sorted(adapter_.directory.iterdir()):
             if f.is_file() and f.name != ADAPTER_WEIGHTS:
                 shutil.copyfile(f, tmp / f.name)
                 _fsync(tmp / f.name)
-        _write_safetensors(tmp / ADAPTER_WEIGHTS, header.metadata, tensors)
+        entries = sorted(header.entries.values(), key=lambda e: e.start)
+        _write_safetensors(tmp / ADAPTER_WEIGHTS, header.metadata, entries, produce)
 
     _write_dir_atomically(out, write)
     return out
