@@ -39,6 +39,15 @@ class Parser {
             ++pos_;
     }
 
+    // A byte for a message: printable ASCII as itself, anything else in hex (the message must
+    // stay valid UTF-8).
+    static std::string describe(char c) {
+        const unsigned char u = static_cast<unsigned char>(c);
+        if (u >= 0x20 && u < 0x7f) return std::string("character '") + c + "'";
+        static const char digits[] = "0123456789ABCDEF";
+        return std::string("byte 0x") + digits[u >> 4] + digits[u & 15];
+    }
+
     char peek() const { return pos_ < s_.size() ? s_[pos_] : '\0'; }
 
     void expect_literal(std::string_view word) {
@@ -71,7 +80,7 @@ class Parser {
             v.kind = JsonValue::Kind::Number;
             v.text = parse_number();
         } else {
-            fail(std::string("unexpected character '") + c + "'");
+            fail("unexpected " + describe(c));
         }
         return v;
     }
@@ -251,7 +260,7 @@ class Parser {
                         append_utf8(out, cp);
                         break;
                     }
-                    default: fail(std::string("bad escape '\\") + e + "'");
+                    default: fail("bad escape of " + describe(e));
                 }
                 continue;
             }

@@ -1,0 +1,408 @@
+"""Bad inputs: every case is one clear CheckpointError naming the file (and tensor), with no
+output left behind and the inputs unchanged. Headers are written by hand, byte for byte."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sku_fast.arithmetic import negate, task_arithmetic
+from sku_fast.checkpoint import INDEX_NAME, read_file
+from sku_fast.errors import CheckpointError
+
+
+def raw_file(header: dict | str | bytes, data: bytes, length: int | None = None) -> bytes:
+    """A safetensors file from a header (dict, JSON text or raw bytes) and its data section."""
+    if isinstance(header, dict):
+        header = json.dumps(header)
+    if isinstance(header, str):
+        header = header.encode()
+    size = len(header) if length is None else length
+    return struct.pack("<Q", size) + header + data
+
+
+def tensor(dtype: str, shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+# a valid two-tensor F32 file: "a" [2, 3] then "b" [4]
+GOOD_HEADER = {
+    "__metadata__": {"format": "pt"},
+    "a": tensor("F32", [2, 3], 0, 24),
+    "b": tensor("F32", [4], 24, 40),
+}
+GOOD_DATA = struct.pack("<10f", *range(10))
+GOOD = raw_file(GOOD_HEADER, GOOD_DATA)
+
+
+def with_tensors(**tensors) -> dict:
+    return {"__metadata__": {"format": "pt"}, **tensors}
+
+
+# id -> (file bytes, message pattern)
+CORPUS = {
+    "empty_file": (b"", r"file is 0 bytes, too short"),
+    "truncated_header_length": (b"\x10\x00\x00", r"file is 3 bytes, too short"),
+    "truncated_data": (GOOD[:-5], r"tensors end at data byte 40 but the data section has 35 bytes"),
+    "header_past_end": (
+        raw_file(GOOD_HEADER, GOOD_DATA, length=10_000),
+        r"header length 10000 runs past the end",
+    ),
+    "header_over_100MB": (
+        raw_file(b"{}", b"", length=100_000_001),
+        r"header length 100000001 exceeds the 100 MB limit",
+    ),
+    "invalid_json": (raw_file('{"a": {"dtype": "F32", ', b""), r"invalid JSON header at byte \d+"),
+    "not_utf8": (raw_file(b'{"\xff": 1}', b""), r"invalid UTF-8"),
+    "not_an_object": (raw_file("[1, 2]", b""), r"header is not a JSON object"),
+    "duplicate_keys": (
+        raw_file(
+            '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+            '"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            b"\0" * 4,
+        ),
+        r'duplicate key "a"',
+    ),
+    "duplicate_inner_keys": (
+        raw_file(
+            '{"a": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}',
+            b"\0" * 4,
+        ),
+        r'duplicate key "dtype"',
+    ),
+    "unknown_dtype": (
+        raw_file(with_tensors(a=tensor("F12", [1], 0, 4)), b"\0" * 4),
+        r'tensor "a": unknown dtype "F12"',
+    ),
+    "shape_bytes_mismatch": (
+        raw_file(with_tensors(a=tensor("F32", [2, 3], 0, 20)), b"\0" * 20),
+        r'tensor "a": shape x dtype size is 24 bytes but data_offsets span 20',
+    ),
+    "shape_overflow": (
+        raw_file(with_tensors(a=tensor("F32", [2**62, 2**62], 0, 4)), b"\0" * 4),
+        r'tensor "a": shape x dtype size overflows 64 bits',
+    ),
+    "negative_dim": (
+        raw_file(with_tensors(a=tensor("F32", [-1], 0, 4)), b"\0" * 4),
+        r"shape entry -1 is not a non-negative",
+    ),
+    "offsets_reversed": (
+        raw_file(with_tensors(a=tensor("F32", [0], 8, 4)), b"\0" * 8),
+        r"end before they begin",
+    ),
+    "overlapping_offsets": (
+        raw_file(with_tensors(a=tensor("F32", [2], 0, 8), b=tensor("F32", [2], 4, 12)), b"\0" * 12),
+        r'tensor "b": data_offsets begin at 4 but the previous tensor ends at 8 \(overlap\)',
+    ),
+    "gapped_offsets": (
+        raw_file(
+            with_tensors(a=tensor("F32", [2], 0, 8), b=tensor("F32", [2], 12, 20)), b"\0" * 20
+        ),
+        r'tensor "b": data_offsets begin at 12 but the previous tensor ends at 8 \(gap\)',
+    ),
+    "trailing_bytes": (
+        GOOD + b"\0" * 3,
+        r"tensors end at data byte 40 but the data section has 43 bytes \(trailing",
+    ),
+    "missing_field": (
+        raw_file({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4),
+        r'tensor "a": entry needs',
+    ),
+    "metadata_not_strings": (
+        raw_file({"__metadata__": {"format": 1}}, b""),
+        r"__metadata__ value of \"format\"",
+    ),
+    "git_lfs_pointer": (
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 538970112\n",
+        r"is a Git LFS pointer file, not the weights",
+    ),
+}
+
+
+def digest(path: Path) -> dict[str, str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def assert_refused(tmp_path: Path, call, pattern: str, inputs: list[Path]) -> None:
+    before = digest(tmp_path)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match=pattern):
+        call()
+    # nothing new next to the inputs (no output, no temporary), inputs byte for byte the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert digest(tmp_path) == before
+    for path in inputs:
+        assert path.exists()
+
+
+@pytest.mark.parametrize("case", list(CORPUS), ids=list(CORPUS))
+@pytest.mark.parametrize("role", ["base", "tuned"])
+def test_corrupt_file_refused(tmp_path, case, role):
+    content, pattern = CORPUS[case]
+    bad = tmp_path / "bad.safetensors"
+    good = tmp_path / "good.safetensors"
+    bad.write_bytes(content)
+    good.write_bytes(GOOD)
+    base, tuned = (bad, good) if role == "base" else (good, bad)
+    # the message starts with the broken file's path
+    assert_refused(
+        tmp_path,
+        lambda: negate(base, tuned, tmp_path / "out"),
+        "^" + str(bad).replace(".", r"\.") + ": .*" + pattern,
+        [base, tuned],
+    )
+
+
+def write_good(path: Path, header: dict = GOOD_HEADER, data: bytes = GOOD_DATA) -> Path:
+    path.write_bytes(raw_file(header, data))
+    return path
+
+
+MISMATCHES = {
+    "missing_tensor": (
+        with_tensors(a=tensor("F32", [2, 3], 0, 24)),
+        b"\0" * 24,
+        r"lacks tensor 'b'",
+    ),
+    "extra_tensor": (
+        with_tensors(
+            a=tensor("F32", [2, 3], 0, 24),
+            b=tensor("F32", [4], 24, 40),
+            c=tensor("F32", [1], 40, 44),
+        ),
+        b"\0" * 44,
+        r"has tensor 'c' that the base .* lacks",
+    ),
+    "renamed_tensor": (
+        with_tensors(a=tensor("F32", [2, 3], 0, 24), B=tensor("F32", [4], 24, 40)),
+        b"\0" * 40,
+        r"lacks tensor 'b'",
+    ),
+    "shape": (
+        with_tensors(a=tensor("F32", [3, 2], 0, 24), b=tensor("F32", [4], 24, 40)),
+        b"\0" * 40,
+        r"tensor 'a' has shape \[3, 2\] but the base \(.*base\.safetensors\) has \[2, 3\]",
+    ),
+    "dtype": (
+        with_tensors(a=tensor("F32", [2, 3], 0, 24), b=tensor("F16", [4], 24, 32)),
+        b"\0" * 32,
+        r"tensor 'b' has dtype F16 but the base \(.*base\.safetensors\) has F32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES), ids=list(MISMATCHES))
+def test_mismatched_inputs_refused(tmp_path, case):
+    header, data, pattern = MISMATCHES[case]
+    base = write_good(tmp_path / "base.safetensors")
+    tuned = write_good(tmp_path / "tuned.safetensors", header, data)
+    assert_refused(tmp_path, lambda: negate(base, tuned, tmp_path / "out"), pattern, [base, tuned])
+
+
+def test_second_tuned_model_mismatch_refused(tmp_path):
+    base = write_good(tmp_path / "base.safetensors")
+    ok = write_good(tmp_path / "ok.safetensors")
+    header, data, _ = MISMATCHES["shape"]
+    bad = write_good(tmp_path / "bad.safetensors", header, data)
+    assert_refused(
+        tmp_path,
+        lambda: task_arithmetic(base, [(ok, 0.5), (bad, 0.5)], tmp_path / "out"),
+        r"bad\.safetensors: tensor 'a' has shape",
+        [base, ok, bad],
+    )
+
+
+def make_dir_checkpoint(root: Path) -> Path:
+    root.mkdir()
+    write_good(root / "model.safetensors")
+    (root / "config.json").write_text("{}")
+    return root
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["base_dir", "base_file", "inside_base", "deep_inside_base", "tuned_dir", "contains_inputs"],
+)
+def test_output_equal_to_inside_or_around_an_input_refused(tmp_path, target):
+    base = make_dir_checkpoint(tmp_path / "base")
+    tuned = make_dir_checkpoint(tmp_path / "tuned")
+    out = {
+        "base_dir": base,
+        "base_file": base / "model.safetensors",
+        "inside_base": base / "negated",
+        "deep_inside_base": base / "a" / "b",
+        "tuned_dir": tuned,
+        "contains_inputs": tmp_path,
+    }[target]
+    pattern = (
+        r"contains the input" if target == "contains_inputs" else r"is the input .* or inside it"
+    )
+    assert_refused(
+        tmp_path,
+        lambda: negate(base, tuned, out, overwrite=True),
+        pattern,
+        [base, tuned],
+    )
+
+
+def test_output_through_a_symlink_to_an_input_refused(tmp_path):
+    base = make_dir_checkpoint(tmp_path / "base")
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    assert_refused(
+        tmp_path, lambda: negate(base, base, link, overwrite=True), r"is the input", [base]
+    )
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    base = write_good(tmp_path / "base.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(
+        tmp_path,
+        lambda: negate(base, base, out),
+        r"output .*out already exists \(use --overwrite",
+        [base],
+    )
+    assert (out / "keep.txt").read_text() == "mine"
+    negate(base, base, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "out"]
+
+
+def test_bad_arguments_are_value_errors(tmp_path):
+    base = write_good(tmp_path / "base.safetensors")
+    with pytest.raises(ValueError, match=r"unknown output dtype 'int8'"):
+        negate(base, base, tmp_path / "out", dtype="int8")
+    with pytest.raises(ValueError, match=r"threads must be at least 1, got 0"):
+        negate(base, base, tmp_path / "out", threads=0)
+    with pytest.raises(ValueError, match=r"weight of scale must be finite, got inf"):
+        negate(base, base, tmp_path / "out", scale=float("inf"))
+    with pytest.raises(ValueError, match=r"needs at least one"):
+        task_arithmetic(base, [], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+def test_missing_inputs_refused(tmp_path):
+    base = write_good(tmp_path / "base.safetensors")
+    with pytest.raises(CheckpointError, match=r"nope: no such file or directory"):
+        negate(base, tmp_path / "nope", tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: found 0 \.safetensors files and no"):
+        negate(empty, base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# A process whose files may not grow past LIMIT bytes: writes fail with EFBIG like a full disk.
+FULL_DISK_SCRIPT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from sku_fast.arithmetic import negate
+    from sku_fast.errors import CheckpointError
+    limit = int(sys.argv[4])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        negate(sys.argv[1], sys.argv[2], sys.argv[3], threads=2)
+    except CheckpointError as error:
+        print("CheckpointError:", error)
+        sys.exit(3)
+    """
+)
+
+
+def test_full_disk_leaves_nothing_behind(tmp_path):
+    # two shards: the first (small) is written completely, the second hits the size limit
+    root = tmp_path / "base"
+    root.mkdir()
+    small = with_tensors(a=tensor("F32", [256], 0, 1024))
+    big = with_tensors(b=tensor("F32", [256, 1024], 0, 1 << 20))
+    (root / "model-1.safetensors").write_bytes(raw_file(small, os.urandom(1024)))
+    (root / "model-2.safetensors").write_bytes(raw_file(big, os.urandom(1 << 20)))
+    index = {"metadata": {}, "weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}
+    (root / INDEX_NAME).write_text(json.dumps(index))
+    before = digest(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(root), str(root), str(tmp_path / "out"),
+         str(600_000)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert 'model-2.safetensors: writing tensor "b": File too large' in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert digest(tmp_path) == before
+
+
+# --- property-based: mutated headers only ever give CheckpointError --------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def mutated_files(draw) -> bytes:
+    kind = draw(st.sampled_from(["byte", "truncate", "insert", "length", "field", "entry"]))
+    header = json.dumps(GOOD_HEADER).encode()
+    if kind == "byte":
+        blob = bytearray(GOOD)
+        position = draw(st.integers(0, 8 + len(header) - 1))
+        blob[position] = draw(st.integers(0, 255))
+        return bytes(blob)
+    if kind == "truncate":
+        return GOOD[: draw(st.integers(0, len(GOOD) - 1))]
+    if kind == "insert":
+        position = draw(st.integers(0, len(GOOD)))
+        return GOOD[:position] + draw(st.binary(min_size=1, max_size=16)) + GOOD[position:]
+    if kind == "length":
+        return raw_file(header, GOOD_DATA, length=draw(st.integers(0, 2**64 - 1)))
+    mutated = json.loads(header)
+    name = draw(st.sampled_from(["a", "b", "__metadata__"]))
+    if kind == "field" and name != "__metadata__":
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra"]))
+        mutated[name][field] = draw(JSON_VALUES)
+    else:
+        mutated[name] = draw(JSON_VALUES)
+    return raw_file(json.dumps(mutated), GOOD_DATA)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(content=mutated_files())
+def test_mutated_headers_only_raise_checkpoint_error(tmp_path, content):
+    path = tmp_path / "mutated.safetensors"
+    path.write_bytes(content)
+    try:
+        parsed = read_file(path)
+    except CheckpointError as error:
+        assert str(error).startswith(str(path)), str(error)
+        return
+    # accepted: then it must really tile the file, and the engine must cope with it
+    end = len(content)
+    spans = sorted((t.offset, t.offset + t.nbytes) for t in parsed.tensors)
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        assert stop == start
+    if spans:
+        assert spans[-1][1] == end
+    out = tmp_path / "out"
+    with contextlib.suppress(CheckpointError):
+        negate(path, path, out, overwrite=True)
