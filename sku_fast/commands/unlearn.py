@@ -1,0 +1,144 @@
+"""`sku-fast unlearn`: SKU (or the gradient-ascent baseline) end to end. Only click at import
+time; torch and transformers are imported when the command runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+# command-line option -> UnlearnConfig field; only options given on the command line override
+# the --config file (click's defaults are None)
+_FIELDS = {
+    "model": "model",
+    "harmful": "harmful",
+    "normal": "normal",
+    "harmful_prompt_column": "harmful_prompt_column",
+    "harmful_answer_column": "harmful_answer_column",
+    "normal_prompt_column": "normal_prompt_column",
+    "normal_answer_column": "normal_answer_column",
+    "method": "method",
+    "lora": "lora",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "steps": "steps",
+    "lam": "lam",
+    "out": "out",
+    "seed": "seed",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "lr": "lr",
+    "k": "k",
+    "max_length": "max_length",
+    "epsilon": "epsilon",
+    "guided_distortion": "guided_distortion",
+    "random_disassociation": "random_disassociation",
+    "preservation_divergence": "preservation_divergence",
+    "loss_backend": "loss_backend",
+    "checkpoint_every": "checkpoint_every",
+    "resume": "resume",
+    "overwrite": "overwrite",
+}
+
+DEMO_PROMPTS = 2  # per set, for the before/after printout
+DEMO_STEPS = 30  # stage-1 steps of the no-option demo on the embedded model
+
+
+@click.command("unlearn")
+@click.option("--model", help="HF model directory or .gguf file [default: embedded SmolLM2].")
+@click.option("--harmful", help="Harmful QA data (JSONL/JSON/CSV/save_to_disk) [default: demo].")
+@click.option("--normal", help="Normal QA data, same formats [default: demo].")
+@click.option("--harmful-prompt-column", help="Prompt column of --harmful (else detected).")
+@click.option("--harmful-answer-column", help="Answer column of --harmful (else detected).")
+@click.option("--normal-prompt-column", help="Prompt column of --normal (else detected).")
+@click.option("--normal-answer-column", help="Answer column of --normal (else detected).")
+@click.option("--method", type=click.Choice(["sku", "ga"]), help="SKU or gradient ascent.")
+@click.option("--lora/--full", "lora", default=None, help="LoRA adapter [default] or full.")
+@click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [32].")
+@click.option("--lora-alpha", type=click.IntRange(min=1), help="LoRA alpha [16].")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps, exactly.")
+@click.option("--lambda", "lam", type=float, help="Negation strength λ [1.0].")
+@click.option("--out", help="Output folder [sku-fast-runs/run].")
+@click.option("--config", "config_file", type=click.Path(), help="JSON or YAML settings file.")
+@click.option("--seed", type=int, help="Seed of sampling and initialisation [0].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per set and micro-batch.")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step [1].")
+@click.option("--lr", type=float, help="Learning rate [2e-4 sku, 2e-6 ga].")
+@click.option("--k", "k", type=click.IntRange(min=1), help="Random answers per prompt [1].")
+@click.option("--max-length", type=click.IntRange(min=8), help="Tokens per row [256].")
+@click.option("--epsilon", type=float, nargs=3, help="Term weights ε1 ε2 ε3.")
+@click.option("--guided-distortion/--no-guided-distortion", default=None, help="Ablation.")
+@click.option("--random-disassociation/--no-random-disassociation", default=None, help="Ablation.")
+@click.option(
+    "--preservation-divergence/--no-preservation-divergence", default=None, help="Ablation."
+)
+@click.option("--loss-backend", type=click.Choice(["fused-linear", "fused", "torch"]))
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a non-empty --out.")
+@click.option("--samples/--no-samples", default=True, help="Print before/after generations.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **options) -> None:
+    """Unlearn harmful knowledge: stage 1 trains θ_bad, stage 2 writes θ_o − λ·(θ_bad − θ_o).
+
+    With no options it runs a short SKU demo on the embedded SmolLM2-135M-Instruct and the
+    packaged demo data. The output folder holds model/ (loads with from_pretrained), the
+    stage-1 result, the resolved config.json and a per-step log.jsonl.
+    """
+    from sku_fast.config import UnlearnConfig
+    from sku_fast.pipeline import run_unlearn
+
+    config = UnlearnConfig.from_file(config_file) if config_file else UnlearnConfig()
+    if options["epsilon"] == ():  # nargs=3 without a value gives an empty tuple
+        options["epsilon"] = None
+    given = {_FIELDS[key]: value for key, value in options.items() if value is not None}
+    if given.get("epsilon") is not None:
+        given["epsilon"] = list(given["epsilon"])
+    config = UnlearnConfig.from_dict({**config.to_dict(), **given})
+    if config.model is None and "steps" not in given and not config_file:
+        config.steps = DEMO_STEPS  # the embedded demo: a short schedule that runs on a laptop
+    resolved = config.resolve()
+    out = run_unlearn(resolved, progress=not quiet)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    click.echo(f"stage 1: {resolved.steps} steps, last {_format(log[-1])}" if log else "")
+    click.echo(f"unlearned model: {out / 'model'}")
+    if samples:
+        _print_samples(resolved, out)
+
+
+def _format(record: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "lr"))
+
+
+def _print_samples(config, out: Path) -> None:
+    """Greedy answers of the original and the unlearned model to a few prompts of each set."""
+    import torch
+
+    from sku_fast.data import demo_data_path, format_pair, load_qa_pairs
+    from sku_fast.models import load_model, load_tokenizer
+
+    harmful = load_qa_pairs(config.harmful or demo_data_path("harmful"))[:DEMO_PROMPTS]
+    normal = load_qa_pairs(config.normal or demo_data_path("normal"))[:DEMO_PROMPTS]
+    original = out / "original" if (out / "original").is_dir() else config.model
+    tokenizer = load_tokenizer(original)
+    prompts = [("harmful", p.prompt) for p in harmful] + [("normal", p.prompt) for p in normal]
+    answers = {}
+    for label, path in (("before", original), ("after", out / "model")):
+        model = load_model(path)
+        for kind, prompt in prompts:
+            text = format_pair(tokenizer, prompt, "")[0]
+            ids = tokenizer(
+                text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template
+            )
+            with torch.no_grad():
+                generated = model.generate(
+                    **ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            new = generated[0, ids["input_ids"].shape[1] :]
+            answers[(kind, prompt, label)] = tokenizer.decode(new, skip_special_tokens=True)
+        del model
+    for kind, prompt in prompts:
+        click.echo(f"\n[{kind}] {prompt}")
+        for label in ("before", "after"):
+            click.echo(f"  {label:>6}: {' '.join(answers[(kind, prompt, label)].split())}")
