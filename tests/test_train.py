@@ -1,0 +1,192 @@
+"""Stage-1 trainer on a tiny random Llama: exact steps, linear decay, accumulation, resume
+equivalence, full fine-tuning with a frozen reference and non-finite losses.
+
+`tiny_tokenizer` and `tiny_model_dir` are shared with the pipeline and distributed tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sku_fast.config import UnlearnConfig
+from sku_fast.data import demo_data_path, load_qa_pairs
+from sku_fast.errors import TrainingError
+from sku_fast.objective import objective_for
+from sku_fast.train import latest_checkpoint, prepare_model, train
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab: int = 300, chat: bool = False):
+    """A byte-level BPE tokenizer trained on the demo data (pad = <pad>, eos = <eos>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for name in ("harmful", "normal"):
+        texts += [text for p in load_qa_pairs(demo_data_path(name)) for text in p.__dict__.values()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<pad>", "<eos>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model_dir(path: Path, *, chat: bool = False, tied: bool = False, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 32) saved with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(chat=chat)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _config(tiny: Path, out: Path, **overrides) -> UnlearnConfig:
+    values = dict(model=str(tiny), steps=4, out=str(out), lora_r=4, lora_alpha=8, max_length=64)
+    return UnlearnConfig(**{**values, **overrides}).resolve()
+
+
+def _run(tiny: Path, out: Path, on_step=None, models=None, **overrides):
+    from accelerate import Accelerator
+
+    from sku_fast.models import load_model, load_tokenizer
+
+    config = _config(tiny, out, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(load_model(tiny), config)
+    if models is not None:
+        models.append(model)
+    train(
+        model,
+        load_tokenizer(tiny),
+        load_qa_pairs(demo_data_path("harmful")),
+        load_qa_pairs(demo_data_path("normal")),
+        objective_for(config),
+        config,
+        out,
+        Accelerator(cpu=True),
+        progress=False,
+        on_step=on_step,
+    )
+    return model, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.trainable}
+
+
+def test_exact_steps_and_linear_decay(tiny, tmp_path):
+    model, log = _run(tiny, tmp_path / "a", steps=5, lr=1e-3)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * (5 - s) / 5 for s in range(5)])
+    assert set(log[0]) == {"step", "lr", "gd", "rd", "pd", "loss"}
+    assert log[0]["loss"] == pytest.approx(2.5 * log[0]["gd"] + 2.5 * log[0]["rd"] - log[0]["pd"])
+    assert all(name.count("lora_") == 1 for name, _ in model.trainable)
+    assert any(
+        not torch.equal(p, torch.zeros_like(p)) for n, p in _weights(model).items() if "B" in n
+    )
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tiny, tmp_path):
+    """With the per-sample terms only, 2 micro-batches of 1 are 1 batch of 2 (the same samples;
+    the padding of the shorter row in the batch of 2 must not count)."""
+    ablate = dict(random_disassociation=False, preservation_divergence=False, steps=3, lr=1e-2)
+    small, log_small = _run(tiny, tmp_path / "small", batch_size=1, grad_accum=2, **ablate)
+    large, log_large = _run(tiny, tmp_path / "large", batch_size=2, grad_accum=1, **ablate)
+    assert [r["gd"] for r in log_small] == pytest.approx([r["gd"] for r in log_large], rel=1e-5)
+    for name, value in _weights(large).items():
+        torch.testing.assert_close(_weights(small)[name], value, rtol=1e-4, atol=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_to_the_uninterrupted_result(tiny, tmp_path):
+    settings = dict(steps=5, checkpoint_every=2, lr=1e-2, lora_dropout=0.1)
+    full, full_log = _run(tiny, tmp_path / "full", **settings)
+
+    def stop_at_3(step, record):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(tiny, tmp_path / "cut", on_step=stop_at_3, **settings)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-0000002"
+    resumed, resumed_log = _run(tiny, tmp_path / "cut", resume=True, **settings)
+    assert resumed_log == full_log  # the log is cut back to the checkpoint, then continued
+    for name, value in _weights(full).items():
+        assert torch.equal(_weights(resumed)[name], value), name
+
+
+def test_resume_refuses_changed_settings(tiny, tmp_path):
+    def stop(step, record):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(tiny, tmp_path, on_step=stop, steps=4, checkpoint_every=1)
+    with pytest.raises(TrainingError, match=r"settings changed \(lr: 0.0002 -> 0.001\)"):
+        _run(tiny, tmp_path, resume=True, steps=4, checkpoint_every=1, lr=1e-3)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        _run(tiny, tmp_path, resume=True)
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(tiny, tmp_path):
+    from sku_fast.models import load_model
+
+    model, log = _run(tiny, tmp_path, lora=False, steps=2, lr=1e-3)
+    original = load_model(tiny).state_dict()
+    reference = model.reference.state_dict()
+    assert all(torch.equal(reference[k], original[k]) for k in original)
+    changed = [k for k, v in model.network.state_dict().items() if not torch.equal(v, original[k])]
+    assert "lm_head.weight" in changed and len(changed) == len(original)
+    assert log[1]["pd"] > 0  # after one step the model differs from its reference
+
+
+def test_non_finite_loss_names_step_and_term(tiny, tmp_path):
+    models = []
+
+    def poison(step, record):  # after step 1, every trainable weight becomes NaN
+        with torch.no_grad():
+            for _, parameter in models[0].trainable:
+                parameter.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"step 2: the gd loss term is nan"):
+        _run(tiny, tmp_path, on_step=poison, models=models, steps=3)
