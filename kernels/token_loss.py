@@ -196,15 +196,19 @@ def token_loss_rows(
     kl_weight: torch.Tensor,
     ignore_index: int,
     grad_out: torch.Tensor | None,
+    loss_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row losses [N] fp32 of logits [N, V] (any row stride, unit column stride); writes
     the gradient into grad_out [N, V] when given (it may be ``logits`` itself: each block is
-    read before it is overwritten). labels, ce_weight, kl_weight: [N]; weights fp32."""
+    read before it is overwritten). labels, ce_weight, kl_weight: [N]; weights fp32. The
+    losses go into loss_out [N] fp32 when given."""
     n, v = logits.shape
     assert logits.stride(1) == 1, "vocabulary dim must be contiguous"
     assert ref_logits is None or (ref_logits.shape == logits.shape and ref_logits.stride(1) == 1)
     assert grad_out is None or (grad_out.shape == logits.shape and grad_out.stride(1) == 1)
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    loss = (
+        torch.empty(n, dtype=torch.float32, device=logits.device) if loss_out is None else loss_out
+    )
     if n == 0:
         return loss
     block, num_warps = row_block_config(v)

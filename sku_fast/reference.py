@@ -149,13 +149,16 @@ def token_loss_rows_chunked(
     ignore_index: int,
     grad_out: torch.Tensor | None,
     chunk_rows: int,
+    loss_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CPU backend. logits, ref_logits: [N, V] (any row stride); labels, ce_weight, kl_weight:
     [N] (weights fp32, already scaled by the reduction). Returns the per-row losses [N] fp32;
     writes the gradient into ``grad_out`` [N, V] when given (it may be ``logits`` itself: each
-    chunk is read before it is overwritten)."""
+    chunk is read before it is overwritten). The losses go into loss_out [N] fp32 when given."""
     n = logits.shape[0]
-    rows = torch.empty(n, dtype=torch.float32, device=logits.device)
+    rows = (
+        torch.empty(n, dtype=torch.float32, device=logits.device) if loss_out is None else loss_out
+    )
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         zr = None if ref_logits is None else ref_logits[start:stop].float()
