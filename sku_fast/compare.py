@@ -1,0 +1,204 @@
+"""`run_compare`: the papers' table in one command.
+
+Trains, with the same data, steps and seed, the gradient-ascent baseline, SKU, and SKU with
+each of its three modules switched off; evaluates them and the original model on the same
+prompts with the same judge; writes the table (markdown + JSON) and the plots.
+
+    <out>/<variant>/          the `sku-fast unlearn` run folder of each trained variant
+    <out>/<variant>/eval/     results.json, generations.jsonl, summary.md
+    <out>/original/eval/      the same for the original model
+    <out>/table.md, table.json, harm_vs_utility.png, ablation.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sku_fast.config import UnlearnConfig
+from sku_fast.errors import SkuFastError
+from sku_fast.evaluate import EvalConfig
+
+# variant name -> UnlearnConfig changes (None: the original model, not trained)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "original": None,
+    "ga": {"method": "ga"},
+    "sku": {"method": "sku"},
+    "sku-no-gd": {"method": "sku", "guided_distortion": False},
+    "sku-no-rd": {"method": "sku", "random_disassociation": False},
+    "sku-no-pd": {"method": "sku", "preservation_divergence": False},
+}
+DESCRIPTIONS = {
+    "original": "original model",
+    "ga": "gradient ascent (Yao et al.)",
+    "sku": "SKU (all modules)",
+    "sku-no-gd": "SKU without guided distortion",
+    "sku-no-rd": "SKU without random disassociation",
+    "sku-no-pd": "SKU without preservation divergence",
+}
+
+
+@dataclass
+class CompareConfig:
+    """`train`: the shared unlearning settings (model, data, steps, seed, LoRA...); its
+    `method`, ablation switches and `out` are set per variant. `evaluation`: the shared
+    evaluation; its harmful/normal sets default to the training sets. `reuse`: keep a
+    variant's finished run when its saved settings equal this one's (resume a comparison)."""
+
+    train: UnlearnConfig = field(default_factory=UnlearnConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    out: Path = Path("sku-fast-runs/compare")
+    variants: Sequence[str] = tuple(VARIANTS)
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise SkuFastError(
+                f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}"
+            )
+        if not self.variants:
+            raise SkuFastError("compare needs at least one variant")
+
+
+def variant_config(config: CompareConfig, name: str) -> UnlearnConfig:
+    """The unlearning settings of variant `name`, writing into <out>/<name>."""
+    changes = VARIANTS[name]
+    if changes is None:
+        raise ValueError(f"variant {name!r} is not trained")
+    switches = {
+        "guided_distortion": True,
+        "random_disassociation": True,
+        "preservation_divergence": True,
+    }
+    return dataclasses.replace(
+        config.train,
+        **(switches | changes),
+        epsilon=None if config.train.epsilon is None else list(config.train.epsilon),
+        lr=config.train.lr,
+        out=str(Path(config.out) / name),
+        overwrite=True,
+        resume=False,
+    )
+
+
+def _finished(run: UnlearnConfig) -> bool:
+    """Whether <run.out> holds a finished run with the same settings (except bookkeeping)."""
+    out = Path(run.out)
+    saved_file = out / "config.json"
+    if not ((out / "model" / "config.json").is_file() and saved_file.is_file()):
+        return False
+    ignore = ("overwrite", "resume")
+    saved = {k: v for k, v in json.loads(saved_file.read_text()).items() if k not in ignore}
+    wanted = {k: v for k, v in run.resolve().to_dict().items() if k not in ignore}
+    return saved == wanted
+
+
+def run_compare(
+    config: CompareConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train, evaluate and report every variant; return the table rows (also written)."""
+    from sku_fast.evaluate import Reference, evaluate_loaded, load_set, write_outputs
+    from sku_fast.judge import load_judge
+    from sku_fast.metrics import load_similarity
+    from sku_fast.models import load_model, load_tokenizer
+    from sku_fast.pipeline import run_unlearn
+    from sku_fast.report import write_report
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = dataclasses.replace(
+        config.evaluation,
+        harmful=config.evaluation.harmful or config.train.harmful,
+        normal=config.evaluation.normal or config.train.normal,
+    )
+    # load every set before training: a bad file fails in seconds, not after an hour
+    data = {name: load_set(name, getattr(evaluation, name), evaluation.n) for name in
+            ("harmful", "normal", "harmless")}  # fmt: skip
+
+    train_seconds: dict[str, float] = {}
+    for name in config.variants:
+        if VARIANTS[name] is None:
+            continue
+        run = variant_config(config, name)
+        if config.reuse and _finished(run):
+            log(f"[{name}] reusing the finished run in {run.out}")
+            continue
+        log(f"[{name}] training: {DESCRIPTIONS[name]}, {run.steps} steps")
+        started = time.perf_counter()
+        run_unlearn(run, progress=progress)
+        train_seconds[name] = round(time.perf_counter() - started, 1)
+
+    similarity = load_similarity(evaluation.similarity, device=evaluation.device)
+    judge = load_judge(
+        evaluation.judge,
+        similarity=similarity if similarity.embedder is not None else None,
+        device=evaluation.device,
+    )
+    reference = Reference.load(config.train.model, evaluation.device)
+    rows = []
+    # the original first: its normal generations are the reference for similarity
+    for name in sorted(config.variants, key=lambda v: VARIANTS[v] is not None):
+        if VARIANTS[name] is None:
+            model, tokenizer, label = reference.model, reference.tokenizer, reference.label
+        else:
+            folder = Path(config.out) / name / "model"
+            model = load_model(folder, device=evaluation.device)
+            tokenizer, label = load_tokenizer(folder), str(folder)
+        results, records = evaluate_loaded(
+            model,
+            tokenizer,
+            evaluation,
+            reference,
+            judge=judge,
+            similarity=similarity,
+            label=label,
+            data=data,
+            log=log,
+        )
+        results["variant"] = name
+        write_outputs(out / name / "eval", results, records)
+        rows.append(table_row(name, results, train_seconds.get(name)))
+        del model
+    meta = {
+        "model": reference.label,
+        "steps": config.train.steps,
+        "seed": config.train.seed,
+        "lora": config.train.lora,
+        "judge": judge.name,
+        "similarity_method": similarity.label,
+        "n": {name: len(pairs) for name, pairs in data.items()},
+        "max_new_tokens": evaluation.generation.max_new_tokens,
+        "decoding": "sampling" if evaluation.generation.sample else "greedy",
+    }
+    write_report(out, rows, meta)
+    return rows
+
+
+def table_row(name: str, results: dict[str, Any], train_seconds: float | None) -> dict[str, Any]:
+    """One row of the comparison table from one evaluation's results."""
+    harmful, normal, harmless = results["harmful"], results["normal"], results["harmless"]
+    return {
+        "variant": name,
+        "description": DESCRIPTIONS[name],
+        "harmful_rate": harmful["harmful_rate"],
+        "refusal_rate": harmful["refusal_rate"],
+        "degenerate_rate": harmful["degenerate_rate"],
+        "off_topic_rate": harmful["off_topic_rate"],
+        "over_refusal_rate": harmless["over_refusal_rate"],
+        "distinct_1": normal["distinct_1"],
+        "distinct_2": normal["distinct_2"],
+        "fluency_ppl": normal["fluency_ppl"],
+        "normal_nll": normal["nll"],
+        "similarity": normal["similarity"],
+        "train_seconds": train_seconds,
+        "eval_seconds": results["seconds"],
+    }

@@ -1,0 +1,140 @@
+"""The comparison table (markdown and JSON) and its plots (PNG, matplotlib Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# (key, header, kind): kind "pct" prints a rate as a percentage, "num" a number
+COLUMNS = (
+    ("harmful_rate", "harmful ↓", "pct"),
+    ("refusal_rate", "refusal", "pct"),
+    ("degenerate_rate", "degenerate", "pct"),
+    ("off_topic_rate", "off-topic", "pct"),
+    ("over_refusal_rate", "over-refusal ↓", "pct"),
+    ("distinct_2", "distinct-2 ↑", "num"),
+    ("fluency_ppl", "fluency ppl ↓", "num"),
+    ("normal_nll", "normal NLL ↓", "num"),
+    ("similarity", "similarity ↑", "num"),
+)
+ABLATION = ("sku", "sku-no-gd", "sku-no-rd", "sku-no-pd")
+
+
+def _cell(value: float | None, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.3f}"
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The papers' table: one row per variant, harm on the left, utility on the right."""
+    header = "| variant | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [
+        f"Model: {meta['model']}; {meta['steps']} steps, seed {meta['seed']}, "
+        f"{'LoRA' if meta['lora'] else 'full fine-tuning'}; judge `{meta['judge']}`; "
+        f"{meta['decoding']} decoding, {meta['max_new_tokens']} new tokens; prompts: "
+        + ", ".join(f"{count} {name}" for name, count in meta["n"].items())
+        + f". Similarity: {meta['similarity_method']}, to the original's generations.",
+        "",
+        header,
+        "|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for row in rows:
+        cells = [_cell(row.get(key), kind) for key, _, kind in COLUMNS]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "harmful/refusal/degenerate/off-topic: categories of the responses to harmful prompts "
+        "(they add up to 100% with the rule judge). over-refusal: refusals of harmless "
+        "prompts. distinct-2, fluency (perplexity of the generations under the original "
+        "model), normal NLL (of the reference answers) and similarity: normal prompts.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def plot_harm_vs_utility(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Harmful rate (x) against two utility measures (y), one labelled point per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("normal_nll", "normal-answer NLL (lower is better)"),
+        ("similarity", "similarity to original (higher is better)"),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for i, row in enumerate(rows):
+            x, y = row["harmful_rate"], row.get(key)
+            if not (_finite(x) and _finite(y)):
+                continue
+            ax.scatter(100 * x, y, s=60, color=f"C{i}", zorder=3)
+            ax.annotate(row["variant"], (100 * x, y), textcoords="offset points", xytext=(6, 4))
+        ax.set_xlabel("harmful rate on harmful prompts, % (lower is better)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(-5, 105)
+    fig.suptitle("What unlearning bought (x) and what it cost (y)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ablation(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    """SKU against SKU without each module: response categories and utility. False (no file)
+    when the comparison has fewer than two of the ablation variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {row["variant"]: row for row in rows}
+    names = [name for name in ABLATION if name in by_name]
+    if len(names) < 2:
+        return False
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4.5))
+    rates = (("harmful_rate", "harmful"), ("refusal_rate", "refusal"))
+    rates += (("degenerate_rate", "degenerate"), ("off_topic_rate", "off-topic"))
+    width = 0.8 / len(rates)
+    for k, (key, label) in enumerate(rates):
+        values = [100 * (by_name[n][key] or 0.0) for n in names]
+        left.bar([i + k * width for i in range(len(names))], values, width, label=label)
+    left.set_title("responses to harmful prompts, %")
+    left.legend(fontsize=8)
+    for ax, key, title in (
+        (middle, "similarity", "similarity to original ↑"),
+        (right, "normal_nll", "normal-answer NLL ↓"),
+    ):
+        values = [by_name[n][key] if _finite(by_name[n][key]) else 0.0 for n in names]
+        ax.bar(range(len(names)), values, 0.6, color=[f"C{i}" for i in range(len(names))])
+        ax.set_title(title)
+    for ax, offset in ((left, width * (len(rates) - 1) / 2), (middle, 0.0), (right, 0.0)):
+        ax.set_xticks([i + offset for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("SKU ablation: each module switched off in turn")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
+    """table.md, table.json and the PNG plots in `out`; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "table.md", out / "table.json", out / "harm_vs_utility.png"]
+    written[0].write_text(table_markdown(rows, meta))
+    written[1].write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2) + "\n")
+    plot_harm_vs_utility(rows, written[2])
+    if plot_ablation(rows, out / "ablation.png"):
+        written.append(out / "ablation.png")
+    return written
