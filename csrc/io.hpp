@@ -8,6 +8,7 @@
 #include <string>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -85,6 +86,46 @@ class File {
    private:
     int fd_ = -1;
     std::string path_;
+};
+
+// A read-only view of bytes [offset, offset + n) of a file, mapped for the lifetime of the object.
+// Reading through the page cache without copying; unmapping as soon as a chunk is done keeps the
+// mapped pages (which count toward RSS) bounded by threads x chunk.
+class Mapping {
+   public:
+    Mapping() = default;
+    Mapping(const File& file, uint64_t offset, size_t n, const std::string& what) {
+        if (n == 0) return;
+        // a file cut short after its header was read would raise SIGBUS instead of an error
+        if (offset + n > file.size())
+            throw EngineError(file.path() + ": reading " + what + ": unexpected end of file at byte " +
+                              std::to_string(file.size()));
+        static const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+        const uint64_t start = offset - offset % page;
+        length_ = n + size_t(offset - start);
+        void* p = ::mmap(nullptr, length_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, file.fd(),
+                         off_t(start));
+        if (p == MAP_FAILED)
+            throw EngineError(file.path() + ": reading " + what + ": " + errno_text(errno));
+        base_ = p;
+        data_ = static_cast<const char*>(p) + (offset - start);
+    }
+    Mapping(const Mapping&) = delete;
+    Mapping& operator=(const Mapping&) = delete;
+    Mapping(Mapping&& other) noexcept
+        : base_(other.base_), length_(other.length_), data_(other.data_) {
+        other.base_ = nullptr;
+    }
+    ~Mapping() {
+        if (base_ != nullptr) ::munmap(base_, length_);
+    }
+
+    const char* data() const { return data_; }
+
+   private:
+    void* base_ = nullptr;
+    size_t length_ = 0;
+    const char* data_ = nullptr;
 };
 
 }  // namespace sku

@@ -88,6 +88,16 @@ class _Terms:
         self.by_name.setdefault(name, []).append(term)
 
 
+def _is_adapter(path: Path) -> bool:
+    # sku_fast.lora (and numpy) are imported only for inputs that look like adapters: a plain
+    # negation stays small and starts fast
+    if not (path / "adapter_config.json").is_file():
+        return False
+    from sku_fast import lora
+
+    return lora.is_adapter_dir(path)
+
+
 def _check_weight(weight: float, where: PathLike) -> float:
     weight = float(weight)
     if not math.isfinite(weight):
@@ -266,16 +276,14 @@ def task_arithmetic(
         raise ValueError("task_arithmetic needs at least one (tuned, weight) pair")
     tuned = [(Path(path), _check_weight(weight, path)) for path, weight in tuned]
 
-    from sku_fast import lora  # numpy only
-
     base_path = Path(base)
-    if lora.is_adapter_dir(base_path):
+    if _is_adapter(base_path):
         raise CheckpointError(f"{base_path}: the base must be a full checkpoint, not an adapter")
     base_ckpt = open_checkpoint(base_path)
     sources: list[tuple[Path, Checkpoint | None, float]] = []  # None: a LoRA adapter
     input_paths = [base_path, *(file.path for file in base_ckpt.files)]
     for path, weight in tuned:
-        checkpoint = None if lora.is_adapter_dir(path) else open_checkpoint(path)
+        checkpoint = None if _is_adapter(path) else open_checkpoint(path)
         sources.append((path, checkpoint, weight))
         input_paths.append(path)
         if checkpoint is not None:

@@ -345,6 +345,7 @@ def test_low_rank_and_replaced_terms(tmp_path, monkeypatch):
     save_file(base, tmp_path / "base.safetensors")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # read by the patched adapter_deltas only
     replaced = {"modules_to_save.head": perturb({"h": base["head"]}, 51)["h"]}
     save_file(replaced, adapter / "adapter_model.safetensors")
     q_left, q_right = _factors(1031, 1027, 8, 52)
@@ -380,6 +381,7 @@ def test_low_rank_shape_mismatch_refused(tmp_path, monkeypatch):
     save_file(base, tmp_path / "base.safetensors")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # read by the patched adapter_deltas only
     left, right = _factors(8, 16, 2, 61)
     monkeypatch.setattr(lora, "is_adapter_dir", lambda path: Path(path) == adapter)
     monkeypatch.setattr(
