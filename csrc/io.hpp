@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -105,15 +106,22 @@ class Mapping {
         length_ = n + size_t(offset - start);
         void* p = ::mmap(nullptr, length_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, file.fd(),
                          off_t(start));
-        if (p == MAP_FAILED)
-            throw EngineError(file.path() + ": reading " + what + ": " + errno_text(errno));
+        if (p == MAP_FAILED) {  // a file system without mmap (some FUSE mounts): copy instead
+            copy_.resize(n);
+            file.read_at(copy_.data(), n, offset, what);
+            data_ = copy_.data();
+            return;
+        }
         base_ = p;
         data_ = static_cast<const char*>(p) + (offset - start);
     }
     Mapping(const Mapping&) = delete;
     Mapping& operator=(const Mapping&) = delete;
     Mapping(Mapping&& other) noexcept
-        : base_(other.base_), length_(other.length_), data_(other.data_) {
+        : base_(other.base_),
+          length_(other.length_),
+          copy_(std::move(other.copy_)),
+          data_(base_ != nullptr ? other.data_ : copy_.data()) {
         other.base_ = nullptr;
     }
     ~Mapping() {
@@ -125,6 +133,7 @@ class Mapping {
    private:
     void* base_ = nullptr;
     size_t length_ = 0;
+    std::vector<char> copy_;
     const char* data_ = nullptr;
 };
 
