@@ -1,0 +1,180 @@
+"""`run_unlearn` and `sku-fast unlearn` end to end: both methods on a tiny random Llama in
+seconds, the negation checked tensor by tensor, bad input, and the embedded default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from test_train import tiny_model_dir
+
+from sku_fast.cli import main
+from sku_fast.config import UnlearnConfig
+from sku_fast.errors import DataError, SkuFastError, TrainingError
+from sku_fast.pipeline import run_unlearn
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _config(tiny: Path, out: Path, **overrides) -> UnlearnConfig:
+    values = dict(model=str(tiny), steps=3, out=str(out), lora_r=4, lora_alpha=8, max_length=96)
+    return UnlearnConfig(**{**values, **overrides})
+
+
+def _generate(path: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(
+        "### Question: What is the capital of France?\n ### Answer:", return_tensors="pt"
+    )
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1] == tokenizer.eos_token_id
+    return tokenizer.decode(out[0])
+
+
+def test_sku_lora_end_to_end(tiny, tmp_path):
+    out = run_unlearn(_config(tiny, tmp_path / "run", lam=0.7), progress=False)
+    assert out == tmp_path / "run"
+    for name in ("config.json", "log.jsonl", "summary.json", "stage1/adapter", "model"):
+        assert (out / name).exists(), name
+    assert not (out / "original").exists()  # the tiny model is already safetensors
+    saved = UnlearnConfig.from_file(out / "config.json")
+    assert saved.epsilon == [2.5, 2.5, 1.0] and saved.lr == 2e-4 and saved.lam == 0.7
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+
+    base = load_file(tiny / "model.safetensors")
+    adapter = load_file(out / "stage1/adapter/adapter_model.safetensors")
+    negated = load_file(out / "adapter-negated/adapter_model.safetensors")
+    result = load_file(out / "model/model.safetensors")
+    scaling = 8 / 4
+    checked = 0
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        b = adapter[key.replace("lora_A", "lora_B")]
+        assert torch.equal(negated[key.replace("lora_A", "lora_B")], -0.7 * b)
+        name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        expected = base[name] - 0.7 * scaling * (b @ a)  # θ_o − λ·τ
+        torch.testing.assert_close(result[name], expected, rtol=0, atol=1e-6)
+        assert b.abs().sum() > 0
+        checked += 1
+    assert checked == 4  # q_proj and v_proj of 2 layers
+    untouched = [k for k in base if "q_proj" not in k and "v_proj" not in k]
+    assert all(torch.equal(result[k], base[k]) for k in untouched)
+    _generate(out / "model")
+
+
+def test_baseline_full_fine_tuning_end_to_end(tiny, tmp_path):
+    out = run_unlearn(_config(tiny, tmp_path / "ga", method="ga", lora=False), progress=False)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(-0.5 * log[0]["gd"] + log[0]["rd"] + log[0]["pd"])
+    assert not (out / "adapter-negated").exists()
+    trained = load_file(out / "stage1/model/model.safetensors")
+    result = load_file(out / "model/model.safetensors")
+    base = load_file(tiny / "model.safetensors")
+    for key, value in trained.items():
+        torch.testing.assert_close(result[key], value, rtol=0, atol=1e-6)  # θ_o + τ
+    assert sum(not torch.equal(trained[k], base[k]) for k in base) == len(base)
+    _generate(out / "model")
+
+
+def test_sku_full_fine_tuning_negates_the_checkpoint(tiny, tmp_path):
+    out = run_unlearn(_config(tiny, tmp_path / "full", lora=False, lam=0.5), progress=False)
+    trained = load_file(out / "stage1/model/model.safetensors")
+    result = load_file(out / "model/model.safetensors")
+    base = load_file(tiny / "model.safetensors")
+    for key, value in base.items():
+        expected = value - 0.5 * (trained[key] - value)
+        torch.testing.assert_close(result[key], expected, rtol=0, atol=1e-6)
+
+
+def test_output_folder_is_not_overwritten_silently(tiny, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(TrainingError, match="is not empty; pass --overwrite, --resume"):
+        run_unlearn(_config(tiny, tmp_path / "busy"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (["--harmful", "missing.jsonl"], DataError, "missing.jsonl' does not exist"),
+        (
+            ["--harmful", "{data}", "--harmful-prompt-column", "question"],
+            DataError,
+            "column 'question' not found; columns are answer, prompt",
+        ),
+        (["--normal", "{empty}"], DataError, "has no rows"),
+        (["--model", "no/such/model"], TrainingError, "model path 'no/such/model' does not exist"),
+        (["--epsilon", "1", "2", "x"], None, "'x' is not a valid float"),
+    ],
+    ids=["missing-file", "wrong-column", "empty-set", "unknown-model", "bad-epsilon"],
+)
+def test_bad_input_gives_a_clear_error(tiny, tmp_path, options, error, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "p", "answer": "a"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    options = [o.format(data=data, empty=tmp_path / "empty.jsonl") for o in options]
+    args = ["unlearn", "--model", str(tiny), "--out", str(tmp_path / "o"), "--steps", "1"]
+    result = CliRunner().invoke(main, [*args, *options, "--no-samples", "-q"])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    if error is not None:
+        assert issubclass(error, SkuFastError)
+
+
+def test_config_file_with_command_line_overrides(tiny, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {tiny}\nsteps: 2\nlora_r: 2\nlora_alpha: 4\nmax_length: 96\nlambda: 2.0\n"
+        f"out: {tmp_path / 'ignored'}\n"
+    )
+    out = tmp_path / "cli"
+    args = ["unlearn", "--config", str(config), "--out", str(out), "--method", "sku", "-q"]
+    result = CliRunner().invoke(main, [*args, "--no-samples", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["steps"], saved["lam"], saved["k"], saved["lora_r"]) == (2, 2.0, 2, 2)
+    assert not (tmp_path / "ignored").exists()
+    config.write_text("stepz: 3\n")
+    result = CliRunner().invoke(main, ["unlearn", "--config", str(config)])
+    assert result.exit_code == 1 and "unknown config keys stepz" in result.output
+
+
+def test_embedded_default_model_runs_a_few_steps(tmp_path):
+    """The no-option path (SmolLM2-135M-Instruct from its GGUF, demo data), for 2 steps."""
+    out = tmp_path / "demo"
+    args = ["unlearn", "--steps", "2", "--out", str(out), "--no-samples", "-q"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "1", "--max-length", "48"])
+    assert result.exit_code == 0, result.output
+    assert f"unlearned model: {out / 'model'}" in result.output
+    original = load_file(out / "original/model.safetensors")
+    assert "lm_head.weight" not in original  # tied to the embeddings, stored once
+    result_weights = load_file(out / "model/model.safetensors")
+    changed = [k for k in original if not torch.equal(original[k], result_weights[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    text = _generate_chat(out / "model")
+    assert isinstance(text, str) and text
+
+
+def _generate_chat(path: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
