@@ -89,9 +89,11 @@ class _Terms:
 
 
 def _is_adapter(path: Path) -> bool:
-    # sku_fast.lora (and numpy) are imported only for inputs that look like adapters: a plain
-    # negation stays small and starts fast
-    if not (path / "adapter_config.json").is_file():
+    """sku_fast.lora (and numpy) are imported only for inputs that look like adapters, so that a
+    plain negation stays small and starts fast. PEFT saves an adapter not named "default" in a
+    subfolder, hence the second pattern."""
+    configs = ("adapter_config.json", "*/adapter_config.json")
+    if not path.is_dir() or not any(next(path.glob(p), None) for p in configs):
         return False
     from sku_fast import lora
 
@@ -214,7 +216,11 @@ def _fsync_path(path: Path) -> None:
 
 
 def _copy_side_files(base: Checkpoint, staging: Path) -> None:
-    """config.json, tokenizer files and the like, so the result loads with from_pretrained."""
+    """config.json, tokenizer files and the like, so the result loads with from_pretrained.
+    A base given as a file has side files only if it is a model directory's model.safetensors
+    (any other file's neighbours are unrelated)."""
+    if base.kind == "file" and base.path.name != SINGLE_NAME:
+        return
     for path in sorted(base.directory.iterdir()):
         if not path.is_file() or path.name == INDEX_NAME:
             continue

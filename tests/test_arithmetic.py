@@ -414,3 +414,20 @@ def test_native_low_rank_term_rejects_bad_factors(tmp_path):
     with pytest.raises(CheckpointError, match=r'tensor "q": low-rank factors do not multiply'):
         _C.combine(str(tmp_path / "x"), b"", [str(tmp_path / "base.safetensors")], [job], 1, None)
     assert issubclass(_C.EngineError, CheckpointError)
+
+
+def test_side_files_come_only_from_a_model_directory(tmp_path):
+    base = random_tensors({"w": ((5, 3), torch.float32)}, 80)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file(base, model_dir / "model.safetensors")
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "pytorch_model.bin").write_bytes(b"stale weights")
+    save_file(perturb(base, 81), tmp_path / "tuned.safetensors")
+    (tmp_path / "notes.txt").write_text("unrelated")
+    # the base's model.safetensors file: its directory's config is copied, other weights not
+    out = negate(model_dir / "model.safetensors", tmp_path / "tuned.safetensors", tmp_path / "a")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # any other file: nothing from beside it
+    out = negate(tmp_path / "tuned.safetensors", model_dir, tmp_path / "b")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
