@@ -320,7 +320,12 @@ def task_arithmetic(
             target = staging if single_file else staging / name
             offset = written
             report = (lambda done, o=offset: progress(o + done, total)) if progress else None
-            _C.combine(str(target), header, [str(p) for p in terms.files], jobs, threads, report)
+            try:
+                _C.combine(
+                    str(target), header, [str(p) for p in terms.files], jobs, threads, report
+                )
+            except CheckpointError as error:  # name the output the user asked for
+                raise CheckpointError(str(error).replace(str(staging), str(out))) from None
             written += len(header) + size
         if not single_file:
             _write_index(base_ckpt, staging, sum(size for *_, size in plans))

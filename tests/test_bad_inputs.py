@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -342,9 +343,29 @@ def test_full_disk_leaves_nothing_behind(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 3, result.stdout + result.stderr
-    assert 'model-2.safetensors: writing tensor "b": File too large' in result.stdout
+    out = tmp_path / "out" / "model-2.safetensors"
+    assert f'CheckpointError: {out}: writing tensor "b": File too large' in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
     assert digest(tmp_path) == before
+
+
+def test_no_space_left_on_a_small_tmpfs(tmp_path):
+    """A real ENOSPC: needs permission to mount a tmpfs (root here and on CI)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]
+    if shutil.which("mount") is None or subprocess.run(command, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT test covers failing writes")
+    try:
+        base = tmp_path / "base.safetensors"
+        header = with_tensors(w=tensor("F32", [512, 1024], 0, 2 << 20))
+        base.write_bytes(raw_file(header, b"\0" * (2 << 20)))
+        pattern = r'small/out/model\.safetensors: writing tensor "w": No space left'
+        with pytest.raises(CheckpointError, match=pattern):
+            negate(base, base, mount / "out")
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 # --- property-based: mutated headers only ever give CheckpointError --------------------------
