@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.sku-fast-installed
 .PHONY: demo test bench lint setup clean
 
 demo: $(STAMP)
-	$(VENV)/bin/sku-fast demo
+	rm -rf runs/demo
+	$(VENV)/bin/sku-fast unlearn --out runs/demo
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
