@@ -76,27 +76,32 @@ def fused_linear_token_loss_naive(
     return token_loss_naive(logits, labels, ref_logits, **loss_options)
 
 
-def _kl_excess(u: torch.Tensor) -> torch.Tensor:
-    """u·eᵘ − expm1(u) = Σ_{k≥2} (k−1)/k!·uᵏ without cancellation: a Horner series for
-    |u| < 1/2 (nine terms reach fp32 precision there), the closed form beyond."""
-    series = (
-        u
-        * u
-        * (
-            1 / 2
-            + u
-            * (
-                1 / 3
-                + u
-                * (
-                    1 / 8
-                    + u
-                    * (1 / 30 + u * (1 / 144 + u * (1 / 840 + u * (1 / 5760 + u * (1 / 45360)))))
-                )
-            )
-        )
-    )
-    return torch.where(u.abs() < 0.5, series, u * torch.exp(u) - torch.expm1(u))
+def _kl_parts(
+    z: torch.Tensor, zr: torch.Tensor, p: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p' ‖ p) per row [C] and its gradient p − p' [C, V] for fp32 logits z, zr [C, V],
+    p = softmax(z) and lse = logsumexp(z) [C, 1], in the difference form of DESIGN §3.2."""
+    lse_r = torch.logsumexp(zr, dim=-1, keepdim=True)
+    # d = z' − z; where both logits are −inf neither model has mass: d = 0 keeps it out
+    d = torch.sub(zr, z).nan_to_num_(nan=0.0)
+    # Σ p·expm1(d) = Z − 1 without cancellation. It is inf/NaN only where some d is huge or
+    # p = 0 meets d = inf; such rows, and rows with |log Z| ≥ 1, take lse' − lse, which is
+    # then accurate enough.
+    s = (p * torch.expm1(d)).sum(-1, keepdim=True)
+    log_z_diff = lse_r - lse
+    exact = torch.isfinite(s) & (log_z_diff.abs() < _LOGZ_DIRECT)
+    log_z = torch.where(exact, torch.log1p(s), log_z_diff)
+    u = d.sub_(log_z)  # log p' − log p
+    q = torch.sub(zr, lse_r).exp_()  # p'
+    near = u.abs() <= _U_DIRECT  # False at ±inf: one model rules the token out
+    grad = torch.where(near, torch.expm1(u).mul_(p).neg_(), p - q)
+    # u·eᵘ − expm1(u) ≥ 0 cancels like u²/2; fp64 keeps 1e-16/|u| of it (a 1e-8 gap in the
+    # logits still gives 8 digits). Far from 0: p'·u − p' + p, finite when p or p' is 0.
+    ud = u.double()
+    excess = (ud * ud.exp()).sub_(ud.expm1()).mul_(p)
+    far = torch.where(q > 0, q * u, 0).sub_(q).add_(p)
+    kl = torch.where(near, excess, far).sum(-1)
+    return kl.float(), grad
 
 
 def _chunk_rows(
@@ -111,32 +116,17 @@ def _chunk_rows(
     give 0 and a zero gradient."""
     valid = y != ignore_index
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [C, 1]
-    p = torch.exp(z - lse)
+    p = torch.sub(z, lse).exp_()
     target = torch.where(valid, y, 0)[:, None]
-    ce = lse[:, 0] - z.gather(1, target)[:, 0]
-    grad = a[:, None] * p
-    grad.scatter_add_(1, target, -a[:, None])
-    rows = torch.where(a != 0, a * ce, 0)
-    if zr is not None:
-        lse_r = torch.logsumexp(zr, dim=-1, keepdim=True)
-        d = zr - z
-        # Σ p·expm1(d) = Z − 1 term by term; where p underflows or d is large (or inf − inf),
-        # the direct e^{z'−lse} − p has no cancellation. The clamp only matters for |log Z| > 1.
-        direct = torch.exp((zr - lse).clamp_max(60.0)) - p
-        terms = torch.where((p > 0) & (d <= 1), p * torch.expm1(d), direct)
-        log_z_diff = lse_r - lse
-        log_z = torch.where(
-            log_z_diff.abs() < _LOGZ_DIRECT, torch.log1p(terms.sum(-1, keepdim=True)), log_z_diff
-        )
-        u = d - log_z  # log p' − log p
-        q = torch.exp(zr - lse_r)  # p'
-        near = u.abs() <= _U_DIRECT  # False for NaN (both logits −inf)
-        g_kl = torch.where(near, -p * torch.expm1(u), p - q)
-        far = torch.where(q > 0, q * u, 0) - q + p
-        kl = torch.where(near, p * _kl_excess(u), far).sum(-1)
-        grad += torch.where(b[:, None] != 0, b[:, None] * g_kl, 0)
+    rows = torch.where(a != 0, a * (lse[:, 0] - z.gather(1, target)[:, 0]), 0)
+    if zr is None:
+        grad = p.mul_(a[:, None])
+    else:
+        kl, grad = _kl_parts(z, zr, p, lse)
         rows = rows + torch.where(b != 0, b * kl, 0)
-    grad = torch.where(valid[:, None], grad, 0)
+        grad = grad.mul_(b[:, None]).add_(p.mul_(a[:, None]))
+    grad.scatter_add_(1, target, -a[:, None])
+    grad.masked_fill_(~valid[:, None], 0.0)
     return torch.where(valid, rows, 0), grad
 
 
