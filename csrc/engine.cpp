@@ -125,15 +125,28 @@ void encode(DType dtype, const T* in, char* raw, size_t n) {
     }
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// Hot loops are also compiled for wider vectors and chosen at run time: the portable build is
+// SSE2 only, which makes the bf16 conversions 2.5x (AVX2) to 4x (AVX-512) slower. Results are
+// identical: the same IEEE operations in the same order, no contraction.
+#define SKU_X86_DISPATCH 1
+int vector_level() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+}
+#endif
+
 // d[0..n) = (left @ right) at flat elements [e0, e0 + n), summed over the rank in fp32, k in order.
-void low_rank_block(const Term& term, uint64_t cols, uint64_t e0, size_t n, float* d) {
+inline __attribute__((always_inline)) void low_rank_body(const Term& term, uint64_t cols,
+                                                         uint64_t e0, size_t n, float* d) {
     std::fill(d, d + n, 0.0f);
     size_t i = 0;
     while (i < n) {
-        uint64_t e = e0 + i;
-        uint64_t row = e / cols;
-        uint64_t col = e % cols;
-        size_t len = size_t(std::min<uint64_t>(n - i, cols - col));
+        const uint64_t e = e0 + i;
+        const uint64_t row = e / cols;
+        const uint64_t col = e % cols;
+        const size_t len = size_t(std::min<uint64_t>(n - i, cols - col));
         const float* left = term.left + row * term.rank;
         for (uint64_t k = 0; k < term.rank; ++k) {
             const float lk = left[k];
@@ -143,6 +156,27 @@ void low_rank_block(const Term& term, uint64_t cols, uint64_t e0, size_t n, floa
         }
         i += len;
     }
+}
+
+#ifdef SKU_X86_DISPATCH
+__attribute__((target("avx2"))) void low_rank_avx2(const Term& term, uint64_t cols, uint64_t e0,
+                                                   size_t n, float* d) {
+    low_rank_body(term, cols, e0, n, d);
+}
+
+__attribute__((target("avx512f,avx512bw"))) void low_rank_avx512(const Term& term, uint64_t cols,
+                                                                 uint64_t e0, size_t n, float* d) {
+    low_rank_body(term, cols, e0, n, d);
+}
+#endif
+
+void low_rank_block(const Term& term, uint64_t cols, uint64_t e0, size_t n, float* d) {
+#ifdef SKU_X86_DISPATCH
+    static const int level = vector_level();
+    if (level == 2) return low_rank_avx512(term, cols, e0, n, d);
+    if (level == 1) return low_rank_avx2(term, cols, e0, n, d);
+#endif
+    low_rank_body(term, cols, e0, n, d);
 }
 
 // Output bytes of a work item, reused across items by each worker.
@@ -191,11 +225,7 @@ inline __attribute__((always_inline)) void fused_body(const char* base, const ch
     }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-// The same loop compiled for wider vectors, chosen at run time: the portable build is SSE2
-// only, which makes the bf16 conversions 2.5x (AVX2) to 4x (AVX-512) slower. Results are
-// identical: the same IEEE operations, no contraction.
-#define SKU_X86_DISPATCH 1
+#ifdef SKU_X86_DISPATCH
 template <DType D, DType O>
 __attribute__((target("avx2"))) void fused_avx2(const char* base, const char* tuned, float w,
                                                 char* out, size_t n) {
@@ -208,11 +238,6 @@ __attribute__((target("avx512f,avx512bw"))) void fused_avx512(const char* base, 
     fused_body<D, O>(base, tuned, w, out, n);
 }
 
-int vector_level() {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
-}
 #endif
 
 template <DType D, DType O>
