@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 from sku_fast.kernels.config import row_block_config
 
-_NEG_BIG = -3.0e38  # finite start for running maxima: exp(m_old − m_new) never sees −inf − −inf
+# Finite start for running maxima, so exp(m_old − m_new) never sees −inf − −inf. Compiled
+# Triton reads only globals instantiated as tl.constexpr.
+_NEG_BIG = tl.constexpr(-3.0e38)
 
 
 @triton.jit
