@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -130,10 +131,19 @@ void encode(DType dtype, const T* in, char* raw, size_t n) {
 // SSE2 only, which makes the bf16 conversions 2.5x (AVX2) to 4x (AVX-512) slower. Results are
 // identical: the same IEEE operations in the same order, no contraction.
 #define SKU_X86_DISPATCH 1
+// 2: AVX-512, 1: AVX2, 0: portable. SKU_FAST_ISA=sse2|avx2 caps it (to test every variant).
 int vector_level() {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
+    int level = 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+        level = 2;
+    } else if (__builtin_cpu_supports("avx2")) {
+        level = 1;
+    }
+    const char* cap = std::getenv("SKU_FAST_ISA");
+    if (cap != nullptr && std::strcmp(cap, "sse2") == 0) level = 0;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
+    return level;
 }
 #endif
 

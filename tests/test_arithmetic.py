@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -431,3 +434,52 @@ def test_side_files_come_only_from_a_model_directory(tmp_path):
     # any other file: nothing from beside it
     out = negate(tmp_path / "tuned.safetensors", model_dir, tmp_path / "b")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
+ISA_SCRIPT = """
+import sys
+from pathlib import Path
+import numpy as np
+from sku_fast import lora
+from sku_fast.arithmetic import negate
+root = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+left = rng.standard_normal((301, 5), dtype=np.float32)
+right = rng.standard_normal((5, 211), dtype=np.float32)
+lora.is_adapter_dir = lambda path: Path(path).name == "adapter"
+lora.adapter_deltas = lambda path, shapes: {"lr": lora.LowRankDelta(left, right, 0.5)}
+negate(root / "base.safetensors", root / "tuned.safetensors", root / ("dense-" + sys.argv[2]))
+negate(root / "base.safetensors", root / "adapter", root / ("lora-" + sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("isa", ["sse2", "avx2", "native"])
+def test_every_vector_variant_matches_the_reference(tmp_path, isa):
+    """The engine picks AVX-512/AVX2/portable loops at run time; SKU_FAST_ISA forces a lower
+    one, so each variant is checked on any machine that has it (a cap above the machine's
+    level runs the best available)."""
+    spec = {
+        "bf16": ((517, 263), torch.bfloat16),
+        "f16": ((1003,), torch.float16),
+        "f32": ((77, 3), torch.float32),
+        "lr": ((301, 211), torch.bfloat16),
+    }
+    base = random_tensors(spec, seed=90)
+    tuned = perturb(base, 91)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    env = dict(os.environ)
+    env.pop("SKU_FAST_ISA", None)
+    if isa != "native":
+        env["SKU_FAST_ISA"] = isa
+    subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(tmp_path), isa], env=env, check=True)
+    got = load_file(tmp_path / f"dense-{isa}" / "model.safetensors")
+    assert_bitwise_equal(got, combine_reference(base, [(-1.0, tuned)]))
+    rng = np.random.default_rng(0)
+    left = rng.standard_normal((301, 5), dtype=np.float32)
+    right = rng.standard_normal((5, 211), dtype=np.float32)
+    got = load_file(tmp_path / f"lora-{isa}" / "model.safetensors")
+    ref = combine_reference(base, [(-0.5, {"lr": (left, right)})])
+    assert_bitwise_equal(got, ref)
