@@ -304,7 +304,9 @@ void compute_chunk(const Context& ctx, const Job& job, uint64_t e0, size_t n, Sc
     char* out = s.out.data();
     const char* base = base_map.data();
     bool done = false;
-    if constexpr (std::is_same_v<T, float>) done = try_fused(job, base, term_maps[0].data(), out, n);
+    if constexpr (std::is_same_v<T, float>) {
+        if (job.terms.size() == 1) done = try_fused(job, base, term_maps[0].data(), out, n);
+    }
 
     T b[kBlock], acc[kBlock], t[kBlock];
     float d[kBlock];

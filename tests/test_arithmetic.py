@@ -365,6 +365,10 @@ def test_low_rank_and_replaced_terms(tmp_path, monkeypatch):
     scale = 1.5
     out = negate(tmp_path / "base.safetensors", adapter, tmp_path / "out", scale)
     got = load_file(out / "model.safetensors")
+    # with an output dtype, the tensors without a delta are converted too
+    as_f32 = negate(tmp_path / "base.safetensors", adapter, tmp_path / "f32", scale, dtype="f32")
+    norm = load_file(as_f32 / "model.safetensors")["norm"]
+    assert norm.dtype == torch.float32 and torch.equal(norm, base["norm"].float())
     # the weight of a low-rank term is -scale * scaling, folded into the reference's weight
     ref_q = combine_reference({"q": base["q"]}, [(-scale * 0.5, {"q": (q_left, q_right)})])
     ref_v = combine_reference({"v": base["v"]}, [(-scale * 2.0, {"v": (v_left, v_right)})])
