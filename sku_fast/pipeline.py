@@ -17,6 +17,7 @@ gradient-ascent baseline writes model/ = θ_o + τ, the trained model itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,7 +120,8 @@ def run_unlearn(
         raise TrainingError(f"dtype {config.dtype!r} is not a torch dtype (e.g. float32)")
     model = load_model(model_path, dtype=dtype, device=str(accelerator.device))
     if accelerator.is_main_process:
-        config.save(out / "config.json")
+        # saved as a fresh run: `--config <out>/config.json` repeats it from the start
+        dataclasses.replace(config, resume=False, overwrite=False).save(out / "config.json")
         base = model_path
         if not _has_safetensors(model_path):
             base = out / "original"

@@ -89,6 +89,9 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     from sku_fast.config import UnlearnConfig
     from sku_fast.pipeline import run_unlearn
 
+    saved = Path(options["out"] or UnlearnConfig.out) / "config.json"
+    if config_file is None and options["resume"] and saved.is_file():
+        config_file = str(saved)  # --resume alone continues the run with its own settings
     config = UnlearnConfig.from_file(config_file) if config_file else UnlearnConfig()
     if options["epsilon"] == ():  # nargs=3 without a value gives an empty tuple
         options["epsilon"] = None
