@@ -42,7 +42,8 @@ _FIELDS = {
 }
 
 DEMO_PROMPTS = 2  # per set, for the before/after printout
-DEMO_STEPS = 30  # stage-1 steps of the no-option demo on the embedded model
+# the no-option demo on the embedded model (options given on the command line still win)
+DEMO_SETTINGS = {"steps": 30, "batch_size": 1}
 
 
 @click.command("unlearn")
@@ -82,9 +83,10 @@ DEMO_STEPS = 30  # stage-1 steps of the no-option demo on the embedded model
 def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **options) -> None:
     """Unlearn harmful knowledge: stage 1 trains θ_bad, stage 2 writes θ_o − λ·(θ_bad − θ_o).
 
-    With no options it runs a short SKU demo on the embedded SmolLM2-135M-Instruct and the
-    packaged demo data. The output folder holds model/ (loads with from_pretrained), the
-    stage-1 result, the resolved config.json and a per-step log.jsonl.
+    With no --model and no --config it runs a short SKU demo (30 steps of batch 1 unless
+    given) on the embedded SmolLM2-135M-Instruct and the packaged demo data. The output
+    folder holds model/ (loads with from_pretrained), the stage-1 result, the resolved
+    config.json and a per-step log.jsonl.
     """
     from sku_fast.config import UnlearnConfig
     from sku_fast.pipeline import run_unlearn
@@ -98,9 +100,10 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     given = {_FIELDS[key]: value for key, value in options.items() if value is not None}
     if given.get("epsilon") is not None:
         given["epsilon"] = list(given["epsilon"])
+    if config.model is None and "model" not in given and not config_file:
+        # the embedded demo: a short schedule that runs on a 2-core CPU in a few minutes
+        given = {**DEMO_SETTINGS, **given}
     config = UnlearnConfig.from_dict({**config.to_dict(), **given})
-    if config.model is None and "steps" not in given and not config_file:
-        config.steps = DEMO_STEPS  # the embedded demo: a short schedule that runs on a laptop
     resolved = config.resolve()
     out = run_unlearn(resolved, progress=not quiet)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
