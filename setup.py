@@ -13,13 +13,15 @@ native_engine = Pybind11Extension(
     "sku_fast._C",
     sorted(glob("csrc/*.cpp")),
     include_dirs=["csrc"],
+    depends=sorted(glob("csrc/*.hpp")),
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    # no fused multiply-add contraction: results must be bit-identical to the reference
+    extra_compile_args=["-O3", "-ffp-contract=off"],
     extra_link_args=["-pthread"],
 )
 
 setup(
-    packages=["sku_fast", "sku_fast.commands", "sku_fast.kernels"],
+    packages=["sku_fast", "sku_fast.commands", "sku_fast.demo_data", "sku_fast.kernels"],
     package_dir={"sku_fast": "sku_fast", "sku_fast.kernels": "kernels"},
     package_data={"sku_fast": ["demo_data/*"]},
     ext_modules=[native_engine],
