@@ -2,15 +2,16 @@
 
 Headers are read and validated by the native core (`sku_fast._C.read_header`, the rules of the
 safetensors reference implementation plus a refusal of duplicate keys); this module adds the
-layout on top: which files make up a checkpoint, the shard index, and the checks across inputs.
-Nothing here reads tensor data, and nothing imports torch or numpy.
+layout on top: which files make up a checkpoint, the shard index, the checks across inputs, and
+the header bytes of a file to write. Tensor data is read here only whole and one tensor at a
+time, for small tensors (`read_tensor_bytes`); nothing imports torch or numpy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,47 @@ def read_file(path: str | os.PathLike) -> SafetensorsFile:
     return SafetensorsFile(path, dict(header["metadata"]), tensors)
 
 
+def read_tensor_bytes(entry: TensorEntry) -> bytes:
+    """The stored bytes of one tensor, read whole (for small tensors, such as an adapter's)."""
+    try:
+        with open(entry.file, "rb") as f:
+            f.seek(entry.offset)
+            raw = f.read(entry.nbytes)
+    except OSError as error:
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.name!r}: cannot read: {error.strerror or error}"
+        ) from error
+    if len(raw) != entry.nbytes:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r}: file shrank while reading")
+    return raw
+
+
+def encode_header(
+    metadata: dict[str, str], tensors: Iterable[tuple[str, str, Sequence[int]]]
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """The start of a safetensors file holding `tensors` (name, dtype, shape) back to back in
+    this order: the 8-byte little-endian length and the JSON header, padded with spaces to 8
+    bytes as the safetensors writer does; and each tensor's data offsets [begin, end)."""
+    header: dict[str, dict] = {}
+    spans = []
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = ITEMSIZE[dtype]
+        for dim in shape:
+            nbytes *= dim
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        spans.append((offset, offset + nbytes))
+        offset += nbytes
+    content = {"__metadata__": metadata, **header} if metadata else header
+    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, spans
+
+
 def _load_index(path: Path) -> dict:
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
         out: dict = {}
@@ -158,14 +200,23 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
-def check_tensor(base: TensorEntry, dtype: str, shape: tuple[int, ...], where: Path) -> None:
-    """A tuned tensor must match its base tensor in dtype and shape."""
+def check_tensor(
+    base: TensorEntry,
+    dtype: str,
+    shape: tuple[int, ...],
+    where: Path,
+    *,
+    convert_floats: bool = False,
+) -> None:
+    """A tuned tensor must match its base tensor in dtype and shape; with `convert_floats`, a
+    float tensor on a float base may have another float dtype (the engine converts it)."""
     if tuple(shape) != base.shape:
         raise CheckpointError(
             f"{where}: tensor {base.name!r} has shape {list(shape)} but the base "
             f"({base.file}) has {list(base.shape)}"
         )
-    if dtype != base.dtype:
+    floats = dtype in FLOAT_DTYPES and base.dtype in FLOAT_DTYPES
+    if dtype != base.dtype and not (convert_floats and floats):
         raise CheckpointError(
             f"{where}: tensor {base.name!r} has dtype {dtype} but the base ({base.file}) has "
             f"{base.dtype}"
