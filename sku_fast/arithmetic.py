@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +22,18 @@ from sku_fast import _C
 from sku_fast.checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
-    ITEMSIZE,
     SINGLE_NAME,
     Checkpoint,
     SafetensorsFile,
     TensorEntry,
     check_compatible,
     check_tensor,
+    encode_header,
     open_checkpoint,
     read_file,
 )
 from sku_fast.errors import CheckpointError
+from sku_fast.output import check_output, copy_file, fsync_path, write_atomically
 
 PathLike = str | os.PathLike
 Progress = Callable[[int, int], None]  # (output bytes written, total output bytes)
@@ -145,36 +144,21 @@ def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: f
             terms.add(name, ("low_rank", weight * delta.scaling, delta.left, delta.right))
 
 
-def _header_bytes(metadata: dict[str, str], tensors: dict[str, dict]) -> bytes:
-    """The 8-byte little-endian length and the JSON header, padded with spaces to 8 bytes as
-    the safetensors writer does."""
-    content = {"__metadata__": metadata, **tensors} if metadata else tensors
-    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
 def _plan_file(
     source: SafetensorsFile, terms: _Terms, dtype: str | None, inputs: list[Path]
 ) -> tuple[bytes, list[tuple], int]:
     """Header bytes, engine jobs and data bytes of the output file that mirrors `source`."""
-    header: dict[str, dict] = {}
-    layout = []
-    offset = 0
-    for entry in source.tensors:
-        out_dtype = dtype if dtype is not None and entry.dtype in FLOAT_DTYPES else entry.dtype
-        nbytes = entry.numel * ITEMSIZE[out_dtype]
-        header[entry.name] = {
-            "dtype": out_dtype,
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        layout.append((entry, out_dtype, offset))
-        offset += nbytes
-    header_bytes = _header_bytes(source.metadata, header)
+    out_dtypes = [
+        dtype if dtype is not None and entry.dtype in FLOAT_DTYPES else entry.dtype
+        for entry in source.tensors
+    ]
+    header_bytes, spans = encode_header(
+        source.metadata,
+        [(e.name, d, e.shape) for e, d in zip(source.tensors, out_dtypes, strict=True)],
+    )
     base_index = inputs.index(source.path)
     jobs = []
-    for entry, out_dtype, data_offset in layout:
+    for entry, out_dtype, (data_offset, _) in zip(source.tensors, out_dtypes, spans, strict=True):
         job_terms = terms.by_name.get(entry.name, [])
         if entry.dtype not in FLOAT_DTYPES:
             if entry.dtype.startswith("F8") and job_terms:
@@ -190,29 +174,7 @@ def _plan_file(
                 out_dtype, len(header_bytes) + data_offset, job_terms,
             )
         )  # fmt: skip
-    return header_bytes, jobs, offset
-
-
-def _check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Never write into, over or around an input."""
-    target = out.resolve()
-    for path in inputs:
-        resolved = {path.resolve(), path.absolute()}
-        for inp in resolved:
-            if target == inp or inp in target.parents:
-                raise CheckpointError(f"output {out} is the input {path} or inside it")
-            if target in inp.parents:
-                raise CheckpointError(f"output {out} contains the input {path}")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise CheckpointError(f"output {out} already exists (use --overwrite to replace it)")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return header_bytes, jobs, spans[-1][1] if spans else 0
 
 
 def _copy_side_files(base: Checkpoint, staging: Path) -> None:
@@ -226,24 +188,7 @@ def _copy_side_files(base: Checkpoint, staging: Path) -> None:
             continue
         if path.name.startswith(".") or path.suffix in _OTHER_WEIGHT_SUFFIXES:
             continue
-        shutil.copyfile(path, staging / path.name)
-        _fsync_path(staging / path.name)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move the finished output into place; an existing output is moved aside first and removed
-    only after the new one is in place."""
-    aside = None
-    if out.exists() or out.is_symlink():
-        aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, aside)
-    os.rename(staging, out)
-    _fsync_path(out.parent)
-    if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside)
-        else:
-            aside.unlink()
+        copy_file(path, staging / path.name)
 
 
 def task_arithmetic(
@@ -294,7 +239,7 @@ def task_arithmetic(
         input_paths.append(path)
         if checkpoint is not None:
             input_paths += [file.path for file in checkpoint.files]
-    _check_output(out, input_paths, overwrite)
+    check_output(out, input_paths, overwrite)
 
     terms = _Terms(files=[file.path for file in base_ckpt.files])
     for path, checkpoint, weight in sources:
@@ -310,11 +255,7 @@ def task_arithmetic(
         plans.append((name, *_plan_file(source, terms, dtype, terms.files)))
     total = sum(len(header) + size for _, header, _, size in plans)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        if not single_file:
-            staging.mkdir()
+    def write(staging: Path) -> None:
         written = 0
         for name, header, jobs, size in plans:
             target = staging if single_file else staging / name
@@ -330,14 +271,8 @@ def task_arithmetic(
         if not single_file:
             _write_index(base_ckpt, staging, sum(size for *_, size in plans))
             _copy_side_files(base_ckpt, staging)
-            _fsync_path(staging)
-        _replace(staging, out)
-    except BaseException:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        elif staging.exists():
-            staging.unlink()
-        raise
+
+    write_atomically(out, write, directory=not single_file)
     if progress is not None:
         progress(total, total)
     return out
@@ -349,7 +284,7 @@ def _write_index(base: Checkpoint, staging: Path, data_bytes: int) -> None:
     index = dict(base.index)
     index["metadata"] = {**(index.get("metadata") or {}), "total_size": data_bytes}
     (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    _fsync_path(staging / INDEX_NAME)
+    fsync_path(staging / INDEX_NAME)
 
 
 def negate(
