@@ -46,6 +46,7 @@ def _case(case_id: str):
         "extreme-8x300": (8, 300, torch.float32),
         "near-identical-16x1000": (16, 1000, torch.float32),
         "strided-12x200": (12, 200, torch.float32),
+        "wide-3x262147-bf16": (3, 262147, torch.bfloat16),
     }
     n, v, dtype = spec[case_id]
     z = torch.randn(n, v, generator=g) * 3
@@ -91,6 +92,7 @@ CASE_IDS = [
     "extreme-8x300",
     "near-identical-16x1000",
     "strided-12x200",
+    "wide-3x262147-bf16",
 ]
 
 
