@@ -1,8 +1,9 @@
 """PEFT LoRA adapters read and negated without the model.
 
 A LoRA adapter's task vector is exact and small: per adapted module, `τ = scaling · B·A`. This
-module reads an adapter directory (adapter_config.json + adapter_model.safetensors) with numpy
-only, so that `sku-fast negate` stays small in memory, and
+module reads an adapter directory (adapter_config.json + adapter_model.safetensors) without
+torch, so that `sku-fast negate` stays small in memory (headers are read and validated by
+`sku_fast.checkpoint`, the engine's reader; tensor data is converted with numpy), and
 
 - `adapter_deltas` turns it into per-tensor deltas keyed by the BASE checkpoint's tensor names,
   which the streaming engine merges row block by row block;
@@ -21,39 +22,33 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from sku_fast.checkpoint import (
+    FLOAT_DTYPES,
+    SafetensorsFile,
+    TensorEntry,
+    encode_header,
+    open_checkpoint,
+    read_file,
+    read_tensor_bytes,
+)
 from sku_fast.errors import CheckpointError
+from sku_fast.output import check_output, copy_file, write_atomically
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTER_BIN = "adapter_model.bin"
 # PEFT saves every key of a causal LM adapter under the PeftModel's wrapper prefix.
 _PEFT_PREFIX = "base_model.model."
-_MAX_HEADER = 100 * 1024 * 1024
 # Inits that rewrite the base weights (the adapter only means something on the rewritten base).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-
-# safetensors dtype -> (numpy storage dtype, itemsize); BF16 is stored as raw uint16.
-_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("<f8", 8),
-    "F32": ("<f4", 4),
-    "F16": ("<f2", 2),
-    "BF16": ("<u2", 2),
-    "I64": ("<i8", 8),
-    "I32": ("<i4", 4),
-    "I16": ("<i2", 2),
-    "I8": ("i1", 1),
-    "U8": ("u1", 1),
-    "BOOL": ("?", 1),
-}
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# float safetensors dtype -> numpy storage dtype; BF16 is stored as raw uint16
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 @dataclass(frozen=True)
@@ -73,130 +68,12 @@ class ReplacedTensor:
     name: str  # tensor name inside that file
 
 
-# ----------------------------------------------------------------------------- safetensors I/O
+# ----------------------------------------------------------------------------- tensor data
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # byte offsets relative to the data section
-    end: int
-
-
-@dataclass(frozen=True)
-class _Header:
-    path: Path
-    metadata: dict[str, str] | None
-    entries: dict[str, _Entry]
-    data_start: int  # absolute file offset of the data section
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _read_header(path: Path) -> _Header:
-    """Parse and validate a safetensors header (the safetensors crate's rules) without the data."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if head.startswith(b"version https://git-lfs"):
-                raise CheckpointError(
-                    f"{path}: is a Git-LFS pointer, not the file; run `git lfs pull` first"
-                )
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
-            n = int.from_bytes(head[:8], "little")
-            if n > _MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {n} exceeds {_MAX_HEADER} bytes")
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: header length {n} runs past the file ({size} B)")
-            f.seek(8)
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid JSON header: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
-    entries: dict[str, _Entry] = {}
-    for name, info in header.items():
-        entries[name] = _parse_entry(path, name, info)
-    # Offsets must tile the data section exactly: sorted, contiguous, no gaps, no trailing bytes.
-    cursor = 0
-    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
-        if e.start != cursor:
-            what = "overlaps the previous tensor" if e.start < cursor else "leaves a gap"
-            raise CheckpointError(
-                f"{path}: tensor {e.name!r} starts at {e.start}, expected {cursor} ({what})"
-            )
-        cursor = e.end
-    if 8 + n + cursor != size:
-        raise CheckpointError(
-            f"{path}: tensors end at byte {8 + n + cursor} but the file has {size} bytes"
-        )
-    return _Header(path, metadata, entries, 8 + n)
-
-
-def _parse_entry(path: Path, name: str, info: object) -> _Entry:
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{path}: tensor {name!r}: entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
-    ok_shape = isinstance(shape, list) and all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    )
-    ok_offsets = (
-        isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    )
-    if not ok_shape or not ok_offsets:
-        raise CheckpointError(
-            f"{path}: tensor {name!r}: bad shape {shape!r} or data_offsets {offsets!r}"
-        )
-    nbytes = math.prod(shape) * _DTYPES[dtype][1]  # Python ints: no overflow
-    if nbytes != offsets[1] - offsets[0]:
-        raise CheckpointError(
-            f"{path}: tensor {name!r}: shape {shape} x {dtype} is {nbytes} bytes but "
-            f"data_offsets {offsets} span {offsets[1] - offsets[0]}"
-        )
-    return _Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def _read_raw(header: _Header, name: str) -> bytes:
-    e = header.entries[name]
-    try:
-        with open(header.path, "rb") as f:
-            f.seek(header.data_start + e.start)
-            raw = f.read(e.end - e.start)
-    except OSError as err:
-        raise CheckpointError(f"{header.path}: tensor {name!r}: cannot read: {err}") from err
-    if len(raw) != e.end - e.start:
-        raise CheckpointError(f"{header.path}: tensor {name!r}: file shrank while reading")
-    return raw
-
-
-def _to_float(raw: bytes, e: _Entry) -> np.ndarray:
-    """Stored bytes -> fp32 array (fp64 for F64), shaped like the tensor."""
-    a = np.frombuffer(raw, dtype=_DTYPES[e.dtype][0]).reshape(e.shape)
+def _to_float(raw: bytes, e: TensorEntry) -> np.ndarray:
+    """Stored bytes of a float tensor -> fp32 array (fp64 for F64), shaped like the tensor."""
+    a = np.frombuffer(raw, dtype=_NUMPY_DTYPES[e.dtype]).reshape(e.shape)
     if e.dtype == "BF16":
         return (a.astype(np.uint32) << 16).view(np.float32)
     return a.astype(np.float64 if e.dtype == "F64" else np.float32)
@@ -205,7 +82,7 @@ def _to_float(raw: bytes, e: _Entry) -> np.ndarray:
 def _from_float(x: np.ndarray, dtype: str) -> bytes:
     """fp32/fp64 array -> bytes of `dtype`, rounded once to nearest even (NaN kept)."""
     if dtype != "BF16":
-        return np.ascontiguousarray(x, dtype=_DTYPES[dtype][0]).tobytes()
+        return np.ascontiguousarray(x, dtype=_NUMPY_DTYPES[dtype]).tobytes()
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype("<u2")
     rounded[np.isnan(x)] = 0x7FC0  # the quiet NaN torch produces
@@ -214,28 +91,18 @@ def _from_float(x: np.ndarray, dtype: str) -> bytes:
 
 def _write_safetensors(
     path: Path,
-    metadata: dict[str, str] | None,
-    entries: list[_Entry],
-    produce: Callable[[_Entry], bytes],
+    metadata: dict[str, str],
+    entries: tuple[TensorEntry, ...],
+    produce: Callable[[TensorEntry], bytes],
 ) -> None:
-    """Write `entries` (their dtype and shape; offsets in this order) with the bytes `produce`
-    gives for each, one tensor in memory at a time, then fsync."""
-    header: dict[str, object] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    offset = 0
-    for e in entries:
-        end = offset + e.end - e.start
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, end]}
-        offset = end
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    """Write `entries` (their dtype and shape, in this order) with the bytes `produce` gives
+    for each, one tensor in memory at a time, then fsync."""
+    header, _ = encode_header(metadata, [(e.name, e.dtype, e.shape) for e in entries])
     with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
+        f.write(header)
         for e in entries:
             raw = produce(e)
-            assert len(raw) == e.end - e.start, e.name
+            assert len(raw) == e.nbytes, e.name
             f.write(raw)
         f.flush()
         os.fsync(f.fileno())
@@ -258,7 +125,8 @@ class _Module:
 @dataclass(frozen=True)
 class _Adapter:
     directory: Path
-    header: _Header
+    weights: SafetensorsFile
+    tensors: dict[str, TensorEntry]  # adapter tensor name -> entry
     modules: dict[str, _Module]  # base tensor name -> module
     replaced: dict[str, str]  # base tensor name -> adapter tensor name (whole tuned value)
     base_copies: dict[str, str]  # base tensor name -> copy of the base layer saved with a delta
@@ -378,13 +246,14 @@ def _load_adapter(path: str | os.PathLike) -> _Adapter:
                 "unpickle); re-save it with PEFT's save_pretrained(safe_serialization=True)"
             )
         raise CheckpointError(f"{weights}: missing; the adapter has no weights file")
-    header = _read_header(weights)
+    weights_file = read_file(weights)
+    tensors = {e.name: e for e in weights_file.tensors}
 
     halves: dict[tuple[str, bool], dict[str, str]] = {}  # (module, embedding) -> {"A": key, ...}
     replaced: dict[str, str] = {}
     base_layer: dict[str, str] = {}
     adapter_names: set[str] = set()
-    for key in header.entries:
+    for key in tensors:
         name = key.removeprefix(_PEFT_PREFIX)
         if "lora_magnitude_vector" in name:
             raise CheckpointError(
@@ -424,9 +293,9 @@ def _load_adapter(path: str | os.PathLike) -> _Adapter:
                 raise CheckpointError(
                     f"{weights}: tensor {other!r}: module {module!r} has no lora_{half}"
                 )
-        a, b = header.entries[slot["A"]], header.entries[slot["B"]]
+        a, b = tensors[slot["A"]], tensors[slot["B"]]
         for e in (a, b):
-            if e.dtype not in _FLOAT_DTYPES or len(e.shape) != 2:
+            if e.dtype not in FLOAT_DTYPES or len(e.shape) != 2:
                 raise CheckpointError(
                     f"{weights}: tensor {e.name!r}: {e.dtype} {list(e.shape)}; expected a 2-D "
                     "float matrix (convolution and quantised LoRA layers are not supported)"
@@ -451,13 +320,15 @@ def _load_adapter(path: str | os.PathLike) -> _Adapter:
             f"{weights}: tensor {replaced[name]!r}: {name!r} is both replaced and LoRA-adapted"
         )
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    return _Adapter(directory, header, modules, replaced, base_copies, fan_in_fan_out)
+    return _Adapter(
+        directory, weights_file, tensors, modules, replaced, base_copies, fan_in_fan_out
+    )
 
 
 def _orientation(adapter: _Adapter, name: str, base_shape: tuple[int, ...]) -> bool:
     """Whether the delta is (B·A)ᵀ for `name`; raises on a shape mismatch."""
     mod = adapter.modules[name]
-    a_shape, b_shape = adapter.header.entries[mod.a].shape, adapter.header.entries[mod.b].shape
+    a_shape, b_shape = adapter.tensors[mod.a].shape, adapter.tensors[mod.b].shape
     plain, transposed = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
     if mod.embedding:
         fits = {True: base_shape == transposed}
@@ -472,13 +343,13 @@ def _orientation(adapter: _Adapter, name: str, base_shape: tuple[int, ...]) -> b
         if ok:
             return orientation
     raise CheckpointError(
-        f"{adapter.header.path}: module {mod.module!r}: lora A {list(a_shape)} and B "
+        f"{adapter.weights.path}: module {mod.module!r}: lora A {list(a_shape)} and B "
         f"{list(b_shape)} give a {list(plain)} delta but base tensor {name!r} is {list(base_shape)}"
     )
 
 
 def _check_against_base(adapter: _Adapter, base_shapes: dict[str, tuple[int, ...]]) -> None:
-    path = adapter.header.path
+    path = adapter.weights.path
     used = {name: mod.a for name, mod in adapter.modules.items()} | adapter.replaced
     for name, key in used.items():
         if name not in base_shapes:
@@ -486,7 +357,7 @@ def _check_against_base(adapter: _Adapter, base_shapes: dict[str, tuple[int, ...
                 f"{path}: tensor {key!r}: the base checkpoint has no tensor {name!r}"
             )
     for name, key in [*adapter.replaced.items(), *adapter.base_copies.items()]:
-        shape = adapter.header.entries[key].shape
+        shape = adapter.tensors[key].shape
         if tuple(base_shapes[name]) != shape:
             raise CheckpointError(
                 f"{path}: tensor {key!r} is {list(shape)} but base tensor {name!r} is "
@@ -511,7 +382,7 @@ def adapter_deltas(
     for name, mod in adapter.modules.items():
         transposed = _orientation(adapter, name, tuple(base_shapes[name]))
         a, b = (
-            _to_float(_read_raw(adapter.header, k), adapter.header.entries[k])
+            _to_float(read_tensor_bytes(adapter.tensors[k]), adapter.tensors[k])
             for k in (mod.a, mod.b)
         )
         left, right = (a.T, b.T) if transposed else (b, a)  # [rows, r], [r, cols]
@@ -521,54 +392,11 @@ def adapter_deltas(
             scaling=float(mod.scaling),
         )
     for name, key in adapter.replaced.items():
-        out[name] = ReplacedTensor(path=str(adapter.header.path), name=key)
+        out[name] = ReplacedTensor(path=str(adapter.weights.path), name=key)
     return out
 
 
 # ----------------------------------------------------------------------------- negation
-
-
-def _base_headers(base: str | os.PathLike) -> dict[str, _Header]:
-    """Base tensor name -> header of the safetensors file holding it (file, dir or sharded dir)."""
-    p = Path(base)
-    if p.is_file():
-        files = [p]
-    elif (p / "model.safetensors.index.json").is_file():
-        index_path = p / "model.safetensors.index.json"
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({p / f for f in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_path}: unreadable shard index: {e}") from e
-    elif (p / "model.safetensors").is_file():
-        files = [p / "model.safetensors"]
-    else:
-        raise CheckpointError(
-            f"{p}: not a safetensors checkpoint (a .safetensors file, or a directory with "
-            "model.safetensors or model.safetensors.index.json)"
-        )
-    found: dict[str, _Header] = {}
-    for f in files:
-        header = _read_header(f)
-        for name in header.entries:
-            found[name] = header
-    return found
-
-
-def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    target = out.resolve()
-    for src in inputs:
-        src = src.resolve()
-        if target == src or src in target.parents:
-            raise CheckpointError(
-                f"{out}: output is or is inside the input {src}; pick another path"
-            )
-        if target in src.parents:
-            raise CheckpointError(f"{out}: output contains the input {src}; pick another path")
-    if out.exists() and not overwrite:
-        raise CheckpointError(
-            f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
-        )
 
 
 def negate_lora(
@@ -593,13 +421,19 @@ def negate_lora(
         raise ValueError(f"scale must be finite, got {scale}")
     out = Path(out)
     adapter_ = _load_adapter(adapter)
-    header = adapter_.header
-    _check_output(out, [adapter_.directory] + ([Path(base)] if base is not None else []), overwrite)
-
-    base_headers: dict[str, _Header] = {}
+    weights = adapter_.weights
+    inputs = [Path(adapter), adapter_.directory, weights.path]
+    base_map: dict[str, TensorEntry] = {}
     if base is not None:
-        base_headers = _base_headers(base)
-        shapes = {name: h.entries[name].shape for name, h in base_headers.items()}
+        if is_adapter_dir(base):
+            raise CheckpointError(f"{base}: the base must be a full checkpoint, not an adapter")
+        base_ckpt = open_checkpoint(base)
+        inputs += [Path(base), *(file.path for file in base_ckpt.files)]
+        base_map = base_ckpt.tensor_map()
+    check_output(out, inputs, overwrite)
+
+    if base is not None:
+        shapes = {name: e.shape for name, e in base_map.items()}
         _check_against_base(adapter_, shapes)
         for name in adapter_.modules:
             _orientation(adapter_, name, shapes[name])
@@ -607,7 +441,7 @@ def negate_lora(
         names = sorted(adapter_.replaced)
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         raise CheckpointError(
-            f"{header.path}: stores tensors whole (modules_to_save or trained biases: {shown}); "
+            f"{weights.path}: stores tensors whole (modules_to_save or trained biases: {shown}); "
             "their negation base − λ·(tuned − base) needs the base model: pass base=PATH "
             "(CLI: --base PATH)"
         )
@@ -615,70 +449,32 @@ def negate_lora(
     b_keys = {mod.b for mod in adapter_.modules.values()}
     replaced_keys = {key: name for name, key in adapter_.replaced.items()}
 
-    def produce(e: _Entry) -> bytes:
-        raw = _read_raw(header, e.name)
+    def produce(e: TensorEntry) -> bytes:
+        raw = read_tensor_bytes(e)
         if e.name in b_keys:
             return _from_float(_to_float(raw, e) * -scale, e.dtype)
         if e.name in replaced_keys:
-            name = replaced_keys[e.name]
-            return _negated_whole(header, e, raw, base_headers[name], name, scale)
+            return _negated_whole(e, raw, base_map[replaced_keys[e.name]], scale)
         return raw
 
     def write(tmp: Path) -> None:
         for f in sorted(adapter_.directory.iterdir()):
             if f.is_file() and f.name != ADAPTER_WEIGHTS:
-                shutil.copyfile(f, tmp / f.name)
-                _fsync(tmp / f.name)
-        entries = sorted(header.entries.values(), key=lambda e: e.start)
-        _write_safetensors(tmp / ADAPTER_WEIGHTS, header.metadata, entries, produce)
+                copy_file(f, tmp / f.name)
+        _write_safetensors(tmp / ADAPTER_WEIGHTS, weights.metadata, weights.tensors, produce)
 
-    _write_dir_atomically(out, write)
+    write_atomically(out, write)
     return out
 
 
-def _negated_whole(
-    header: _Header, e: _Entry, raw: bytes, base: _Header, base_name: str, scale: float
-) -> bytes:
+def _negated_whole(e: TensorEntry, raw: bytes, base: TensorEntry, scale: float) -> bytes:
     """base − λ·(tuned − base) for a tensor stored whole, rounded once to the adapter's dtype."""
-    base_entry = base.entries[base_name]
-    if base_entry.dtype not in _FLOAT_DTYPES or e.dtype not in _FLOAT_DTYPES:
+    if base.dtype not in FLOAT_DTYPES or e.dtype not in FLOAT_DTYPES:
         raise CheckpointError(
-            f"{header.path}: tensor {e.name!r} is {e.dtype} and base {base_name!r} is "
-            f"{base_entry.dtype}; only float tensors can be negated"
+            f"{e.file}: tensor {e.name!r} is {e.dtype} and base {base.name!r} is "
+            f"{base.dtype}; only float tensors can be negated"
         )
-    wide = np.float64 if "F64" in (e.dtype, base_entry.dtype) else np.float32
+    wide = np.float64 if "F64" in (e.dtype, base.dtype) else np.float32
     tuned = _to_float(raw, e).astype(wide)
-    theta = _to_float(_read_raw(base, base_name), base_entry).astype(wide)
+    theta = _to_float(read_tensor_bytes(base), base).astype(wide)
     return _from_float(theta - wide(scale) * (tuned - theta), e.dtype)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_dir_atomically(out: Path, write) -> None:
-    """Build the output in a temporary directory beside `out`, fsync it, then rename it into
-    place (an existing `out` is moved aside first and removed only once the new one is in)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old = None
-    try:
-        write(tmp)
-        _fsync(tmp)
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rename(out, old / "x")
-        os.rename(tmp, out)
-        _fsync(out.parent)
-    except OSError as e:
-        if old is not None and not out.exists():
-            os.rename(old / "x", out)  # put the previous output back
-        raise CheckpointError(f"{out}: cannot write the output: {e.strerror or e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

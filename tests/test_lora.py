@@ -399,11 +399,12 @@ BAD_ADAPTERS = {
     ),
     "truncated": (
         lambda a: (a / ADAPTER_WEIGHTS).write_bytes((a / ADAPTER_WEIGHTS).read_bytes()[:-3]),
-        r"adapter_model\.safetensors: tensors end at byte \d+ but the file has \d+ bytes",
+        r"adapter_model\.safetensors: tensors end at data byte \d+ but the data section has \d+ "
+        r"bytes \(file truncated\)",
     ),
     "lfs_pointer": (
         lambda a: (a / ADAPTER_WEIGHTS).write_text("version https://git-lfs.github.com/spec/v1\n"),
-        r"Git-LFS pointer",
+        r"adapter_model\.safetensors: is a Git LFS pointer file, not the weights",
     ),
 }
 
@@ -447,6 +448,8 @@ def test_modules_to_save_needs_base(tmp_path, plain):
         match=r"whole \(modules_to_save or trained biases: lm_head\.weight\).*pass base=PATH",
     ):
         negate_lora(plain.adapter_dir, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"adapter: the base must be a full checkpoint, not"):
+        negate_lora(plain.adapter_dir, tmp_path / "out", base=plain.adapter_dir)
     assert list(tmp_path.iterdir()) == []
 
     sharded = tmp_path / "sharded"
@@ -465,20 +468,31 @@ def test_output_paths(tmp_path, plain):
     before = _tree_digest(adapter)
     kw = dict(base=plain.base_dir, overwrite=True)
     for bad in (adapter, adapter / "neg", tmp_path, plain.base_dir / "x"):
-        with pytest.raises(CheckpointError, match="output (is or is inside|contains) the input"):
+        pattern = r"output .* (is the input .* or inside it|contains the input)"
+        with pytest.raises(CheckpointError, match=pattern):
             negate_lora(adapter, bad, **kw)
     assert _tree_digest(adapter) == before
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("old")
-    with pytest.raises(CheckpointError, match=r"out: already exists; pass overwrite=True"):
+    with pytest.raises(
+        CheckpointError, match=r"output .*out already exists \(use --overwrite or overwrite=True"
+    ):
         negate_lora(adapter, out, base=plain.base_dir)
     assert (out / "keep").read_text() == "old"
     negate_lora(adapter, out, **kw)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in adapter.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
     assert _tree_digest(adapter) == before
+
+    # an adapter in a named subfolder: the folder the user passed is an input too
+    named = tmp_path / "named"
+    named.mkdir()
+    _copy_adapter(adapter, named / "harm")
+    with pytest.raises(CheckpointError, match=r"output .*named/other is the input .*named or"):
+        negate_lora(named, named / "other", **kw)
+    assert sorted(p.name for p in named.iterdir()) == ["harm"]
 
 
 def test_failed_write_leaves_nothing(tmp_path, plain, monkeypatch):
