@@ -131,7 +131,8 @@ def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: f
             source = headers[delta.path].get(delta.name)
             if source is None:
                 raise CheckpointError(f"{delta.path}: has no tensor {delta.name!r}")
-            check_tensor(entry, source.dtype, source.shape, source.file)
+            # stored whole (modules_to_save): any float dtype will do, the engine converts it
+            check_tensor(entry, source.dtype, source.shape, source.file, convert_floats=True)
             index = terms.file_index(source.file)
             terms.add(name, ("dense", weight, index, source.offset, source.dtype))
         else:

@@ -401,6 +401,47 @@ def test_low_rank_shape_mismatch_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_replaced_tensor_of_another_float_dtype(tmp_path, monkeypatch):
+    """A modules_to_save tensor stored in fp32 on a bf16 base is a dense term like any other
+    (the engine converts it); its shape must still match, and non-float dtypes must be equal."""
+    base = random_tensors({"head": ((7, 5), torch.bfloat16), "ids": ((3,), torch.int64)}, 100)
+    save_file(base, tmp_path / "base.safetensors")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # read by the patched adapter_deltas only
+    tuned = perturb({"head": base["head"].float()}, 101)["head"]
+    assert tuned.dtype == torch.float32 and not torch.equal(tuned.bfloat16(), base["head"])
+    stored = {
+        "head": tuned,
+        "short": tuned[:6].clone(),
+        "as_int": torch.zeros(7, 5, dtype=torch.int16),
+        "ids_f32": torch.zeros(3),
+    }
+    save_file(stored, adapter / "adapter_model.safetensors")
+    weights = str(adapter / "adapter_model.safetensors")
+    deltas: dict[str, lora.ReplacedTensor] = {}
+    monkeypatch.setattr(lora, "is_adapter_dir", lambda path: Path(path) == adapter)
+    monkeypatch.setattr(lora, "adapter_deltas", lambda path, shapes: deltas)
+
+    deltas["head"] = lora.ReplacedTensor(weights, "head")
+    out = negate(tmp_path / "base.safetensors", adapter, tmp_path / "out", 0.5)
+    got = load_file(out / "model.safetensors")
+    assert_bitwise_equal(got, combine_reference(base, [(-0.5, {"head": tuned})]))
+    assert got["head"].dtype == torch.bfloat16
+
+    refusals = {
+        ("head", "short"): r"tensor 'head' has shape \[6, 5\] but the base .* has \[7, 5\]",
+        ("head", "as_int"): r"tensor 'head' has dtype I16 but the base .* has BF16",
+        ("ids", "ids_f32"): r"tensor 'ids' has dtype F32 but the base .* has I64",
+    }
+    for (name, key), pattern in refusals.items():
+        deltas.clear()
+        deltas[name] = lora.ReplacedTensor(weights, key)
+        with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: " + pattern):
+            negate(tmp_path / "base.safetensors", adapter, tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+
+
 def test_native_low_rank_term_rejects_bad_factors(tmp_path):
     base = random_tensors({"q": ((4, 6), torch.float32)}, 70)
     save_file(base, tmp_path / "base.safetensors")
