@@ -34,6 +34,8 @@ _BACKENDS = ("triton", "torch")
 # CPU path: rows per chunk so that one fp32 chunk of logits is about 4 MiB (measured fastest
 # of 256K..4M elements on the dev machine; the chunk holds ~15 such temporaries).
 _CPU_CHUNK_ELEMENTS = 1 << 20
+# fused-linear: fewer, larger chunks, since every chunk adds into the whole [V, H] gradient
+_LINEAR_MIN_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -313,7 +315,8 @@ def _linear_pass(opts, hidden, weight, bias, labels, ref_hidden, ref_weight, ref
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if bias is not None:
             grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-    inner = replace(opts, inplace=True)
+    v = weight.shape[0]
+    inner = replace(opts, inplace=True, chunk_rows=max(1, _CPU_CHUNK_ELEMENTS // v))
     for start in range(0, n, opts.chunk_rows):
         stop = min(start + opts.chunk_rows, n)
         h = hidden[start:stop]  # [C, H]
@@ -330,7 +333,7 @@ def _linear_pass(opts, hidden, weight, bias, labels, ref_hidden, ref_weight, ref
         if g.dtype == torch.float32:
             grad_w.addmm_(g.t(), h)
         else:
-            grad_w += (g.t() @ h).float()
+            grad_w.add_(g.t() @ h)  # cast on the fly: no fp32 [V, H] temporary
         if grad_b is not None:
             grad_b += g.float().sum(0)
     return rows, grad_h, grad_w, grad_b
@@ -406,7 +409,8 @@ def fused_linear_token_loss(
         ref_weight: [V, H] reference output layer (detached); defaults to ``weight`` (LoRA
             models share it). ref_bias likewise defaults to ``bias`` when ref_weight is None.
         bias: [V] optional output bias (gets a gradient).
-        chunk_rows: rows per chunk; default makes a chunk of logits about the size of hidden.
+        chunk_rows: rows per chunk; default makes a chunk of logits about the size of hidden,
+            and at least 4M logits (each chunk reads and writes the fp32 weight gradient).
         Other arguments as in ``token_loss``.
 
     Returns:
@@ -441,7 +445,7 @@ def fused_linear_token_loss(
         rb = None if rb is None else rb.detach()
     y, a, b = _reduced_weights(labels, ce_weight, kl_weight, ignore_index, reduction)
     if chunk_rows is None:
-        chunk_rows = max(1, -(-n // max(1, -(-v // h_dim))))
+        chunk_rows = max(-(-n // max(1, -(-v // h_dim))), -(-_LINEAR_MIN_CHUNK // v))
     opts = TokenLossOptions(
         ignore_index=ignore_index,
         reduction=reduction,
