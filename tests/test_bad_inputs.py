@@ -284,6 +284,67 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "out"]
 
 
+def test_failed_write_keeps_the_previous_output(tmp_path, monkeypatch):
+    import sku_fast.arithmetic as arithmetic
+
+    def disk_full(base, staging):
+        (staging / "config.json").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(arithmetic, "_copy_side_files", disk_full)
+    base = make_dir_checkpoint(tmp_path / "base")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(
+        tmp_path,
+        lambda: negate(base, base, out, overwrite=True),
+        r"out: cannot write the output: No space left on device",
+        [base],
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("failure", ["writer_interrupted", "rename_into_place", "fsync_parent"])
+def test_atomic_write_failures_put_the_old_output_back(tmp_path, monkeypatch, failure):
+    """Whatever fails, and whenever, the previous output is back as it was and no temporary
+    is left beside it."""
+    from sku_fast import output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real_rename, real_fsync = os.rename, output.fsync_path
+
+    def rename(src, dst):
+        if failure == "rename_into_place" and Path(src).name.startswith(".out.tmp-"):
+            raise OSError(18, "Invalid cross-device link")
+        real_rename(src, dst)
+
+    def fsync_path(path):
+        if failure == "fsync_parent" and path == tmp_path:
+            raise OSError(5, "Input/output error")
+        real_fsync(path)
+
+    def write(tmp: Path) -> None:
+        (tmp / "new.txt").write_text("new")
+        if failure == "writer_interrupted":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.os, "rename", rename)
+    monkeypatch.setattr(output, "fsync_path", fsync_path)
+    expected = {
+        "writer_interrupted": (KeyboardInterrupt, None),
+        "rename_into_place": (CheckpointError, r"out: cannot write the output: Invalid cross"),
+        "fsync_parent": (CheckpointError, r"out: cannot write the output: Input/output error"),
+    }[failure]
+    with pytest.raises(expected[0], match=expected[1]):
+        output.write_atomically(out, write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
 def test_bad_arguments_are_value_errors(tmp_path):
     base = write_good(tmp_path / "base.safetensors")
     with pytest.raises(ValueError, match=r"unknown output dtype 'int8'"):

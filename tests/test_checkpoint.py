@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from sku_fast import _C
 from sku_fast.checkpoint import (
     INDEX_NAME,
     ITEMSIZE,
     check_compatible,
+    check_tensor,
+    encode_header,
     open_checkpoint,
     read_file,
+    read_tensor_bytes,
 )
 from sku_fast.errors import CheckpointError
 
@@ -46,6 +49,59 @@ def test_header_offsets_point_at_the_tensor_bytes(tmp_path):
     header = _C.read_header(str(path))
     assert header["file_size"] == len(blob)
     assert header["data_start"] == 8 + int.from_bytes(blob[:8], "little")
+
+
+SAFETENSORS_DTYPE = {
+    "float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "bool": "BOOL",
+    "int8": "I8",
+}  # fmt: skip
+
+
+def test_encoded_header_and_tensor_bytes_round_trip(tmp_path):
+    """A file written from encode_header reads back with the safetensors library and with
+    read_file/read_tensor_bytes; without metadata the header has no __metadata__ key."""
+    for metadata in ({"format": "pt", "note": "é"}, {}):
+        order = ["small", "embed", "empty", "mask", "scalar", "ids", "modèle"]
+        arrays = {**TENSORS, "modèle": np.ones(3, np.float16)}
+        tensors = [(n, SAFETENSORS_DTYPE[arrays[n].dtype.name], arrays[n].shape) for n in order]
+        header, spans = encode_header(metadata, tensors)
+        assert len(header) % 8 == 0 and int.from_bytes(header[:8], "little") == len(header) - 8
+        assert (b"__metadata__" in header) == bool(metadata)
+        assert spans[0][0] == 0 and [b for b, _ in spans[1:]] == [e for _, e in spans[:-1]]
+        path = tmp_path / "written.safetensors"
+        path.write_bytes(header + b"".join(arrays[n].tobytes() for n in order))
+        loaded = load_file(path)
+        for name in order:
+            assert loaded[name].dtype == arrays[name].dtype
+            assert np.array_equal(loaded[name], arrays[name]), name
+        parsed = read_file(path)
+        assert parsed.metadata == metadata
+        assert [t.name for t in parsed.tensors] == order
+        for entry, (begin, end) in zip(parsed.tensors, spans, strict=True):
+            assert entry.nbytes == end - begin
+            assert read_tensor_bytes(entry) == arrays[entry.name].tobytes()
+    path.write_bytes(path.read_bytes()[:-2])  # shrunk after its header was read
+    with pytest.raises(CheckpointError, match=r"tensor 'modèle': file shrank while reading"):
+        read_tensor_bytes(parsed.tensors[-1])
+
+
+def test_check_tensor_converts_floats_only_when_asked(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(TENSORS, path)
+    entries = {t.name: t for t in read_file(path).tensors}
+    embed, ids = entries["embed"], entries["ids"]
+    check_tensor(embed, "BF16", (3, 4), path, convert_floats=True)
+    with pytest.raises(CheckpointError, match=r"'embed' has dtype BF16 but the base .* has F32"):
+        check_tensor(embed, "BF16", (3, 4), path)
+    for dtype, shape, pattern in [
+        ("F16", (4, 3), r"'embed' has shape \[4, 3\] but the base .* has \[3, 4\]"),
+        ("I32", (3, 4), r"'embed' has dtype I32 but the base .* has F32"),
+        ("F8_E4M3", (3, 4), r"'embed' has dtype F8_E4M3 but the base .* has F32"),
+    ]:
+        with pytest.raises(CheckpointError, match=pattern):
+            check_tensor(embed, dtype, shape, path, convert_floats=True)
+    with pytest.raises(CheckpointError, match=r"'ids' has dtype F32 but the base .* has I64"):
+        check_tensor(ids, "F32", (5,), path, convert_floats=True)
 
 
 def test_unicode_names_and_escapes(tmp_path):
