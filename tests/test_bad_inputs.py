@@ -267,11 +267,17 @@ def test_output_through_a_symlink_to_an_input_refused(tmp_path):
     )
 
 
-def test_existing_output_needs_overwrite(tmp_path):
-    base = write_good(tmp_path / "base.safetensors")
+def existing_output(tmp_path: Path) -> Path:
+    """An earlier output, which a refused or failed run must leave as it was."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    return out
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    base = write_good(tmp_path / "base.safetensors")
+    out = existing_output(tmp_path)
     assert_refused(
         tmp_path,
         lambda: negate(base, base, out),
@@ -293,9 +299,7 @@ def test_failed_write_keeps_the_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(arithmetic, "_copy_side_files", disk_full)
     base = make_dir_checkpoint(tmp_path / "base")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = existing_output(tmp_path)
     assert_refused(
         tmp_path,
         lambda: negate(base, base, out, overwrite=True),
@@ -311,9 +315,7 @@ def test_atomic_write_failures_put_the_old_output_back(tmp_path, monkeypatch, fa
     is left beside it."""
     from sku_fast import output
 
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = existing_output(tmp_path)
     real_rename, real_fsync = os.rename, output.fsync_path
 
     def rename(src, dst):
