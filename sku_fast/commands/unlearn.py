@@ -43,7 +43,7 @@ _FIELDS = {
 
 DEMO_PROMPTS = 2  # per set, for the before/after printout
 # the no-option demo on the embedded model (options given on the command line still win)
-DEMO_SETTINGS = {"steps": 30, "batch_size": 1}
+DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 
 
 @click.command("unlearn")
@@ -83,7 +83,7 @@ DEMO_SETTINGS = {"steps": 30, "batch_size": 1}
 def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **options) -> None:
     """Unlearn harmful knowledge: stage 1 trains θ_bad, stage 2 writes θ_o − λ·(θ_bad − θ_o).
 
-    With no --model and no --config it runs a short SKU demo (30 steps of batch 1 unless
+    With no --model and no --config it runs a short SKU demo (24 steps of batch 1 unless
     given) on the embedded SmolLM2-135M-Instruct and the packaged demo data. The output
     folder holds model/ (loads with from_pretrained), the stage-1 result, the resolved
     config.json and a per-step log.jsonl.
@@ -139,7 +139,7 @@ def _print_samples(config, out: Path) -> None:
             )
             with torch.no_grad():
                 generated = model.generate(
-                    **ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    **ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id
                 )
             new = generated[0, ids["input_ids"].shape[1] :]
             answers[(kind, prompt, label)] = tokenizer.decode(new, skip_special_tokens=True)
