@@ -209,3 +209,31 @@ def test_classifier_judge_plugs_in_by_path(tmp_path, bias, expected):
     expected_score = 1 / (1 + math.exp(-6.0))  # softmax of logits (-3, 3)
     scores = judge.unsafe_scores([PROMPT], [COMPLIANCE])
     assert scores[0] == pytest.approx(expected_score if expected else 1 - expected_score, 1e-5)
+
+
+def test_guard_lm_judge_scores_do_not_depend_on_batching(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sku_fast.judge import ClassifierJudge
+    from sku_fast.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)  # has a chat template, as guard models do
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    responses = [COMPLIANCE, "", REFUSALS["wont"]]
+    batched = ClassifierJudge(tmp_path, batch_size=3)
+    assert batched.kind == "guard"
+    scores = batched.unsafe_scores([PROMPT] * 3, responses)
+    alone = ClassifierJudge(tmp_path, batch_size=1).unsafe_scores([PROMPT] * 3, responses)
+    assert scores == pytest.approx(alone, abs=1e-5)  # left padding leaves the last logits alone
+    assert all(0.0 < s < 1.0 for s in scores)
+    verdicts = batched.judge([PROMPT] * 3, responses)
+    assert [v.harmful for v in verdicts] == [s > 0.5 for s in scores]
