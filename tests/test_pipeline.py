@@ -178,3 +178,30 @@ def _generate_chat(path: Path) -> str:
     )
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_baseline_lora_adds_the_adapter(tiny, tmp_path):
+    out = run_unlearn(_config(tiny, tmp_path / "ga-lora", method="ga", steps=2), progress=False)
+    assert not (out / "adapter-negated").exists()
+    base = load_file(tiny / "model.safetensors")
+    adapter = load_file(out / "stage1/adapter/adapter_model.safetensors")
+    result = load_file(out / "model/model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    b = adapter[key.replace("lora_A", "lora_B")]
+    expected = base["model.layers.1.self_attn.v_proj.weight"] + 2.0 * (b @ adapter[key])  # θ_o + τ
+    torch.testing.assert_close(result["model.layers.1.self_attn.v_proj.weight"], expected)
+
+
+def test_cli_resume_reuses_the_saved_settings(tiny, tmp_path):
+    out = tmp_path / "resumable"
+    args = ["unlearn", "--model", str(tiny), "--out", str(out), "--steps", "3", "--lr", "1e-2"]
+    extra = ["--lora-r", "2", "--lora-alpha", "4", "--checkpoint-every", "2", "-q", "--no-samples"]
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    first = load_file(out / "model/model.safetensors")
+    result = CliRunner().invoke(main, ["unlearn", "--out", str(out), "--resume", "--no-samples"])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # step 3 redone from the step-2 checkpoint
+    again = load_file(out / "model/model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
