@@ -73,12 +73,22 @@ def plot_harm_vs_utility(rows: Sequence[dict[str, Any]], path: Path) -> None:
     )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (key, title) in zip(axes, panels, strict=True):
+        # variants at the same point (e.g. a baseline that did not move) share one label
+        shown = [r for r in rows if _finite(r["harmful_rate"]) and _finite(r.get(key))]
+        ys = [r[key] for r in shown]
+        step = (max(ys) - min(ys)) / 50 if len(ys) > 1 and max(ys) > min(ys) else 1.0
+        points: dict[tuple[int, int], list[tuple[float, float, str]]] = {}
         for i, row in enumerate(rows):
-            x, y = row["harmful_rate"], row.get(key)
-            if not (_finite(x) and _finite(y)):
+            if row not in shown:
                 continue
-            ax.scatter(100 * x, y, s=60, color=f"C{i}", zorder=3)
-            ax.annotate(row["variant"], (100 * x, y), textcoords="offset points", xytext=(6, 4))
+            x, y = 100 * row["harmful_rate"], row[key]
+            ax.scatter(x, y, s=60, color=f"C{i}", zorder=3)
+            points.setdefault((round(x), round(y / step)), []).append((x, y, row["variant"]))
+        for k, group in enumerate(sorted(points.values(), key=lambda g: (g[0][1], g[0][0]))):
+            x, y, _ = group[0]
+            label = ", ".join(name for _, _, name in group)
+            offset = (6, 4) if k % 2 == 0 else (6, -12)  # neighbours' labels alternate
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=9)
         ax.set_xlabel("harmful rate on harmful prompts, % (lower is better)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
@@ -109,13 +119,19 @@ def plot_ablation(rows: Sequence[dict[str, Any]], path: Path) -> bool:
         values = [100 * (by_name[n][key] or 0.0) for n in names]
         left.bar([i + k * width for i in range(len(names))], values, width, label=label)
     left.set_title("responses to harmful prompts, %")
-    left.legend(fontsize=8)
+    left.set_ylim(0, 125)  # head room for the legend above the bars
+    left.legend(fontsize=8, ncol=4, loc="upper center")
+    original = by_name.get("original")
     for ax, key, title in (
         (middle, "similarity", "similarity to original ↑"),
         (right, "normal_nll", "normal-answer NLL ↓"),
     ):
         values = [by_name[n][key] if _finite(by_name[n][key]) else 0.0 for n in names]
-        ax.bar(range(len(names)), values, 0.6, color=[f"C{i}" for i in range(len(names))])
+        bars = ax.bar(range(len(names)), values, 0.6, color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)  # differences are often in the 2nd decimal
+        if original is not None and _finite(original[key]):
+            ax.axhline(original[key], color="black", linestyle="--", linewidth=1, label="original")
+            ax.legend(fontsize=8, loc="lower right")
         ax.set_title(title)
     for ax, offset in ((left, width * (len(rates) - 1) / 2), (middle, 0.0), (right, 0.0)):
         ax.set_xticks([i + offset for i in range(len(names))])
