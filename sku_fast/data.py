@@ -129,13 +129,8 @@ def _json_lines(text: str, path: Path) -> list[Any]:
 
 
 def _read_saved_dataset(path: Path) -> list[Any]:
-    try:
-        from datasets import DatasetDict, load_from_disk
-    except ImportError as error:
-        raise DataError(
-            f"{str(path)!r} is a directory; reading `save_to_disk` datasets needs the "
-            "`datasets` package (pip install datasets)"
-        ) from error
+    from datasets import DatasetDict, load_from_disk
+
     try:
         dataset = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as error:

@@ -127,16 +127,22 @@ def test_bad_files(tmp_path, name, text, message):
         load_qa_pairs(tmp_path / name)
 
 
-def test_saved_dataset_directory_needs_datasets_or_loads(tmp_path):
-    try:
-        import datasets
-    except ImportError:
-        (tmp_path / "ds").mkdir()
-        with pytest.raises(DataError, match="needs the `datasets` package"):
-            load_qa_pairs(tmp_path / "ds")
-        return
+def test_saved_dataset_directories_load(tmp_path):
+    import datasets
+
     datasets.Dataset.from_dict({"prompt": ["p"], "unsafe": ["u"]}).save_to_disk(tmp_path / "ds")
     assert load_qa_pairs(tmp_path / "ds") == [QAPair("p", "u")]
+    splits = datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_dict({"question": ["t"], "answer": ["x"]}),
+            "train": datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]}),
+        }
+    )
+    splits.save_to_disk(tmp_path / "splits")
+    assert load_qa_pairs(tmp_path / "splits") == [QAPair("q", "a")]  # the train split
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot load a dataset from directory"):
+        load_qa_pairs(tmp_path / "empty")
 
 
 # --- answer masks ----------------------------------------------------------------------------
