@@ -304,9 +304,11 @@ def evaluate_model(
     default), write the three outputs into `out` and return the results."""
     from sku_fast.judge import load_judge
     from sku_fast.metrics import load_similarity
-    from sku_fast.models import load_model, load_tokenizer
+    from sku_fast.models import load_model, load_tokenizer, resolve_model_path
 
     config = config or EvalConfig()
+    resolved = resolve_model(model)
+    resolve_model_path(resolved)  # a bad path fails now, not after loading the reference
     if not isinstance(reference, Reference):
         reference = Reference.load(reference, config.device)
     similarity = load_similarity(config.similarity, device=config.device)
@@ -315,7 +317,6 @@ def evaluate_model(
         similarity=similarity if similarity.embedder is not None else None,
         device=config.device,
     )
-    resolved = resolve_model(model)
     if model_label(model) == reference.label:
         loaded, tokenizer = reference.model, reference.tokenizer
     else:
