@@ -58,3 +58,7 @@ def main() -> None:
     Train a "harmful" copy of a model, then subtract what it learned from the original.
     The negation streams over memory-mapped safetensors, so any size fits in little RAM.
     """
+
+
+if __name__ == "__main__":  # `python -m sku_fast.cli`, `accelerate launch -m sku_fast.cli`
+    main()
