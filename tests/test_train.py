@@ -1,7 +1,8 @@
 """Stage-1 trainer on a tiny random Llama: exact steps, linear decay, accumulation, resume
 equivalence, full fine-tuning with a frozen reference and non-finite losses.
 
-`tiny_tokenizer` and `tiny_model_dir` are shared with the pipeline and distributed tests."""
+`tiny_tokenizer` and `tiny_model_dir` (from tiny_models) are also imported from here by the
+pipeline, distributed, objective and data tests."""
 
 from __future__ import annotations
 
@@ -10,64 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_model_dir
+from tiny_models import tiny_tokenizer as tiny_tokenizer  # re-exported for test_data
 
 from sku_fast.config import UnlearnConfig
 from sku_fast.data import demo_data_path, load_qa_pairs
 from sku_fast.errors import TrainingError
 from sku_fast.objective import objective_for
 from sku_fast.train import latest_checkpoint, prepare_model, train
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def tiny_tokenizer(vocab: int = 300, chat: bool = False):
-    """A byte-level BPE tokenizer trained on the demo data (pad = <pad>, eos = <eos>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = []
-    for name in ("harmful", "normal"):
-        texts += [text for p in load_qa_pairs(demo_data_path(name)) for text in p.__dict__.values()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<pad>", "<eos>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def tiny_model_dir(path: Path, *, chat: bool = False, tied: bool = False, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama (hidden 32) saved with its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer(chat=chat)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
