@@ -2,7 +2,7 @@ import json
 import math
 
 import pytest
-import torch
+from tiny_models import smol_llama_dir
 
 from sku_fast.compare import VARIANTS, CompareConfig, run_compare, variant_config
 from sku_fast.config import UnlearnConfig
@@ -17,27 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer Llama with the embedded SmolLM2 tokenizer, as a model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sku_fast.models import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return smol_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _config(model_dir, out, variants=tuple(VARIANTS)):

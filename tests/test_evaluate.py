@@ -2,8 +2,8 @@ import json
 import math
 
 import pytest
-import torch
 from click.testing import CliRunner
+from tiny_models import smol_llama_dir
 
 from sku_fast.cli import main
 from sku_fast.data import demo_data_path, load_qa_pairs
@@ -16,28 +16,7 @@ from sku_fast.metrics import answer_nll
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised 2-layer Llama with the embedded SmolLM2 tokenizer (and so its
     chat template), saved like any Hugging Face model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sku_fast.models import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return smol_llama_dir(tmp_path_factory.mktemp("tiny-llama"), max_position_embeddings=512)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+from tiny_models import smol_llama_dir
 
 from sku_fast.errors import SkuFastError
 from sku_fast.judge import (
@@ -212,22 +213,17 @@ def test_classifier_judge_plugs_in_by_path(tmp_path, bias, expected):
 
 
 def test_guard_lm_judge_scores_do_not_depend_on_batching(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sku_fast.judge import ClassifierJudge
-    from sku_fast.models import load_tokenizer
 
-    tokenizer = load_tokenizer(None)  # has a chat template, as guard models do
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    # the embedded SmolLM2 tokenizer has a chat template, as guard models do
+    smol_llama_dir(
+        tmp_path,
+        seed=None,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
     responses = [COMPLIANCE, "", REFUSALS["wont"]]
     batched = ClassifierJudge(tmp_path, batch_size=3)
     assert batched.kind == "guard"

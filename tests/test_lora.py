@@ -19,7 +19,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import llama_config
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from sku_fast.errors import CheckpointError
 from sku_fast.lora import (
@@ -36,14 +37,8 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=67,
-        tie_word_embeddings=False,
+    config = llama_config(
+        hidden_size=48, intermediate_size=72, vocab_size=67, tie_word_embeddings=False
     )
     return LlamaForCausalLM(config)
 
