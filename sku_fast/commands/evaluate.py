@@ -48,6 +48,16 @@ def _evaluation_options(command):
     return command
 
 
+def _out_option(default: Path):
+    """--out, the folder a command writes into (eval and compare differ only in the default)."""
+    return click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=default,
+        show_default=True,
+    )
+
+
 def _eval_config(harmful, normal, options: dict):
     from sku_fast.evaluate import EvalConfig
     from sku_fast.generation import GenerationConfig
@@ -81,12 +91,7 @@ def _eval_config(harmful, normal, options: dict):
     "--reference",
     help="The original model, for similarity and fluency [default: embedded SmolLM2].",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("sku-fast-runs/eval"),
-    show_default=True,
-)
+@_out_option(Path("sku-fast-runs/eval"))
 @_evaluation_options
 def eval_command(model, harmful, normal, reference, out, **options):
     """Evaluate MODEL (a model directory, a .gguf file or an `unlearn` run folder; default:
@@ -118,12 +123,7 @@ def eval_command(model, harmful, normal, reference, out, **options):
     show_default=True,
     help="Comma-separated subset to run.",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("sku-fast-runs/compare"),
-    show_default=True,
-)
+@_out_option(Path("sku-fast-runs/compare"))
 @click.option("--no-reuse", is_flag=True, help="Retrain variants even if already finished.")
 @_evaluation_options
 def compare_command(
