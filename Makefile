@@ -16,8 +16,8 @@ bench: $(STAMP)
 	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,mean,max,rounds
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sku_fast kernels tests benchmarks
-	$(VENV)/bin/ruff format --check sku_fast kernels tests benchmarks
+	$(VENV)/bin/ruff check sku_fast kernels tests benchmarks docs
+	$(VENV)/bin/ruff format --check sku_fast kernels tests benchmarks docs
 
 setup: $(STAMP)
 
