@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import llama_config
 
 from sku_fast import _C, lora
 from sku_fast.arithmetic import negate, task_arithmetic
@@ -309,10 +310,7 @@ def test_progress_reports_bytes_up_to_the_total(tmp_path):
 
 def test_from_pretrained_loads_the_negated_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+    config = llama_config(vocab_size=101, intermediate_size=48, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")

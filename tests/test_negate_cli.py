@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from tiny_models import llama_config
 
 from sku_fast.cli import main
 from sku_fast.reference_engine import combine_reference
@@ -110,9 +111,9 @@ def test_negate_command_imports_nothing_heavy(pair):
 def test_negate_lora_and_negate_with_an_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+    config = llama_config(
+        vocab_size=64, intermediate_size=40, num_hidden_layers=1, num_key_value_heads=4,
+        max_position_embeddings=32,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
