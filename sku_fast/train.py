@@ -17,7 +17,6 @@ and random answers, and checkpoints carry the optimizer, scheduler and RNG state
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from sku_fast.data import (
 )
 from sku_fast.errors import TrainingError
 from sku_fast.objective import TERM_IDS, Objective, combine, term_values, term_values_from_logits
+from sku_fast.output import write_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -230,25 +230,22 @@ def _save_checkpoint(out: Path, step: int, model: Model, optimizer, scheduler, c
     import torch
     from safetensors.torch import save_file
 
-    target = out / CHECKPOINTS / f"step-{step:07d}"
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    weights = {name: p.detach().cpu().contiguous() for name, p in model.trainable}
-    save_file(weights, staging / "trainable.safetensors")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        staging / "state.pt",
-    )
-    (staging / "state.json").write_text(
-        json.dumps({"step": step, "config": config.to_dict()}, indent=2) + "\n"
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    def write(staging: Path) -> None:
+        weights = {name: p.detach().cpu().contiguous() for name, p in model.trainable}
+        save_file(weights, staging / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            staging / "state.pt",
+        )
+        (staging / "state.json").write_text(
+            json.dumps({"step": step, "config": config.to_dict()}, indent=2) + "\n"
+        )
+
+    write_atomically(out / CHECKPOINTS / f"step-{step:07d}", write)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
