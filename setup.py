@@ -21,7 +21,16 @@ native_engine = Pybind11Extension(
 )
 
 setup(
-    packages=["sku_fast", "sku_fast.commands", "sku_fast.demo_data", "sku_fast.kernels"],
+    packages=[
+        "sku_fast",
+        "sku_fast.commands",
+        "sku_fast.demo_data",
+        "sku_fast.engine",
+        "sku_fast.eval",
+        "sku_fast.kernels",
+        "sku_fast.ops",
+        "sku_fast.unlearn",
+    ],
     package_dir={"sku_fast": "sku_fast", "sku_fast.kernels": "kernels"},
     package_data={"sku_fast": ["demo_data/*"]},
     ext_modules=[native_engine],

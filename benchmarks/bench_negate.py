@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sku_fast.checkpoint import open_checkpoint
+from sku_fast.engine.checkpoint import open_checkpoint
 
 # TinyLlama-1.1B: 22 layers, hidden 2048, MLP 5632, 32 heads of 64, 4 KV heads, vocab 32000
 HIDDEN, MLP, LAYERS, KV, VOCAB = 2048, 5632, 22, 256, 32000

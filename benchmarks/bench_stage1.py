@@ -34,10 +34,10 @@ def build(seed: int = 0):
     """A LoRA-wrapped random Llama, its optimizer, one micro-batch and the SKU objective."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sku_fast.config import UnlearnConfig
-    from sku_fast.data import IGNORE_INDEX
-    from sku_fast.objective import TERM_IDS, objective_for
-    from sku_fast.train import prepare_model
+    from sku_fast.unlearn.config import UnlearnConfig
+    from sku_fast.unlearn.network import prepare_model
+    from sku_fast.unlearn.objective import TERM_IDS, objective_for
+    from sku_fast.unlearn.tokens import IGNORE_INDEX
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -72,8 +72,8 @@ def build(seed: int = 0):
 
 
 def step(model, optimizer, batch, objective, backend: str) -> float:
-    from sku_fast.objective import combine
-    from sku_fast.train import compute_terms
+    from sku_fast.unlearn.network import compute_terms
+    from sku_fast.unlearn.objective import combine
 
     loss = combine(compute_terms(model, batch, objective, backend), objective)
     loss.backward()

@@ -30,9 +30,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from sku_fast.judge import KeywordJudge, RuleJudge
-    from sku_fast.metrics import load_similarity
-    from sku_fast.models import load_tokenizer
+    from sku_fast.eval.judges import KeywordJudge, RuleJudge
+    from sku_fast.eval.metrics import load_similarity
+    from sku_fast.unlearn.models import load_tokenizer
 
     rng = random.Random(args.seed)
     with open(args.beavertails, encoding="utf-8") as handle:

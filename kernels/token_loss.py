@@ -7,8 +7,8 @@ Forward and backward are one kernel with two passes over the row (the structure 
 Liger-Kernel's and flash-attention's cross-entropy kernels, which also write the gradient in
 the forward pass): pass 1 runs an online log-sum-exp over z and z' and accumulates
 Σ p·expm1(z' − z) for the KL's difference form; pass 2 writes the gradient and sums the KL.
-The backward of autograd only scales the saved gradient (done in ``sku_fast.ops``), so there
-is no separate backward kernel.
+The backward of autograd only scales the saved gradient (in ``sku_fast.ops.token_loss``),
+so there is no separate backward kernel.
 
 Numerics (fp32 whatever the input dtype): with d = z' − z and log Z = log1p(Σ p·expm1(d)),
 u = d − log Z = log p' − log p, the KL gradient is −p·expm1(u) and the KL term is

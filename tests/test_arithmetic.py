@@ -1,6 +1,6 @@
 """The streaming engine against the plain numpy/torch reference, bit for bit.
 
-Every output tensor must equal `sku_fast.reference_engine.combine_reference` exactly (NaN where
+Every output tensor must equal `oracles.engine.combine_reference` exactly (NaN where
 the reference has NaN), across dtypes, layouts, odd sizes, several tuned models and low-rank
 terms. The reference rounds with torch; the engine with its own C++ conversions.
 """
@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles.engine import combine_reference
 from safetensors.torch import load_file, save_file
 from tiny_models import llama_config
 
-from sku_fast import _C, lora
-from sku_fast.arithmetic import negate, task_arithmetic
-from sku_fast.checkpoint import INDEX_NAME, open_checkpoint
+from sku_fast import _C
+from sku_fast.engine import adapter as lora
+from sku_fast.engine.arithmetic import negate, task_arithmetic
+from sku_fast.engine.checkpoint import INDEX_NAME, open_checkpoint
 from sku_fast.errors import CheckpointError
-from sku_fast.reference_engine import combine_reference
 
 BITS = {
     torch.bfloat16: torch.int16,
@@ -483,8 +484,8 @@ ISA_SCRIPT = """
 import sys
 from pathlib import Path
 import numpy as np
-from sku_fast import lora
-from sku_fast.arithmetic import negate
+from sku_fast.engine import adapter as lora
+from sku_fast.engine.arithmetic import negate
 root = Path(sys.argv[1])
 rng = np.random.default_rng(0)
 left = rng.standard_normal((301, 5), dtype=np.float32)

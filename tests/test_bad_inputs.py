@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sku_fast.arithmetic import negate, task_arithmetic
-from sku_fast.checkpoint import INDEX_NAME, read_file
+from sku_fast.engine.arithmetic import negate, task_arithmetic
+from sku_fast.engine.checkpoint import INDEX_NAME, read_file
 from sku_fast.errors import CheckpointError
 
 
@@ -291,7 +291,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_output(tmp_path, monkeypatch):
-    import sku_fast.arithmetic as arithmetic
+    import sku_fast.engine.arithmetic as arithmetic
 
     def disk_full(base, staging):
         (staging / "config.json").write_bytes(b"partial")
@@ -313,7 +313,7 @@ def test_failed_write_keeps_the_previous_output(tmp_path, monkeypatch):
 def test_atomic_write_failures_put_the_old_output_back(tmp_path, monkeypatch, failure):
     """Whatever fails, and whenever, the previous output is back as it was and no temporary
     is left beside it."""
-    from sku_fast import output
+    from sku_fast.engine import output
 
     out = existing_output(tmp_path)
     real_rename, real_fsync = os.rename, output.fsync_path
@@ -375,7 +375,7 @@ def test_missing_inputs_refused(tmp_path):
 FULL_DISK_SCRIPT = textwrap.dedent(
     """
     import resource, signal, sys
-    from sku_fast.arithmetic import negate
+    from sku_fast.engine.arithmetic import negate
     from sku_fast.errors import CheckpointError
     limit = int(sys.argv[4])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

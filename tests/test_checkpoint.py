@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sku_fast import _C
-from sku_fast.checkpoint import (
+from sku_fast.engine.checkpoint import (
     INDEX_NAME,
     ITEMSIZE,
     check_compatible,

@@ -4,12 +4,12 @@ import math
 import pytest
 from tiny_models import smol_llama_dir
 
-from sku_fast.compare import VARIANTS, CompareConfig, run_compare, variant_config
-from sku_fast.config import UnlearnConfig
 from sku_fast.errors import SkuFastError
-from sku_fast.evaluate import EvalConfig
-from sku_fast.generation import GenerationConfig
-from sku_fast.report import plot_ablation, table_markdown
+from sku_fast.eval.compare import VARIANTS, CompareConfig, run_compare, variant_config
+from sku_fast.eval.evaluate import EvalConfig
+from sku_fast.eval.generation import GenerationConfig
+from sku_fast.eval.report import plot_ablation, table_markdown
+from sku_fast.unlearn.config import UnlearnConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
-from sku_fast.data import (
-    IGNORE_INDEX,
-    QAPair,
-    Sampler,
-    TokenRow,
-    answer_groups,
-    collate,
-    demo_data_path,
-    format_pair,
-    load_qa_pairs,
-    random_answers,
-    tokenize_pair,
-)
 from sku_fast.errors import DataError
+from sku_fast.unlearn.batches import Sampler, answer_groups, random_answers
+from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
+from sku_fast.unlearn.tokens import IGNORE_INDEX, TokenRow, collate, format_pair, tokenize_pair
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -203,7 +193,7 @@ def _metaspace():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from sku_fast.models import load_tokenizer
+    from sku_fast.unlearn.models import load_tokenizer
 
     return load_tokenizer(None)
 

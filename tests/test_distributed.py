@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from test_train import tiny_model_dir
+from tiny_models import tiny_model_dir
 
 SCRIPT = textwrap.dedent(
     """
@@ -22,9 +22,9 @@ SCRIPT = textwrap.dedent(
     from accelerate import PartialState
     from safetensors.torch import save_file
 
-    from sku_fast import train as train_module
-    from sku_fast.config import UnlearnConfig
-    from sku_fast.pipeline import run_unlearn
+    from sku_fast.unlearn import trainer as train_module
+    from sku_fast.unlearn.config import UnlearnConfig
+    from sku_fast.unlearn.pipeline import run_unlearn
 
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     trained = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sku_fast.checkpoint import read_file
+from sku_fast.engine.checkpoint import read_file
 
 ROWS, COLS = 2048, 4096  # one bf16 tensor of 16 MiB, the size of a 7B model's attention block
 TENSOR_BYTES = ROWS * COLS * 2

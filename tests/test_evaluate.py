@@ -6,10 +6,10 @@ from click.testing import CliRunner
 from tiny_models import smol_llama_dir
 
 from sku_fast.cli import main
-from sku_fast.data import demo_data_path, load_qa_pairs
-from sku_fast.evaluate import EvalConfig, Reference, evaluate_model, load_set
-from sku_fast.generation import GenerationConfig, format_prompt, generate
-from sku_fast.metrics import answer_nll
+from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_model, load_set
+from sku_fast.eval.generation import GenerationConfig, format_prompt, generate
+from sku_fast.eval.metrics import answer_nll
+from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
 
 
 @pytest.fixture(scope="session")

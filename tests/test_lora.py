@@ -22,16 +22,17 @@ from safetensors.torch import load_file, save_file
 from tiny_models import llama_config
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from sku_fast.errors import CheckpointError
-from sku_fast.lora import (
+from sku_fast.engine import adapter_negation
+from sku_fast.engine.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LowRankDelta,
     ReplacedTensor,
     adapter_deltas,
     is_adapter_dir,
-    negate_lora,
 )
+from sku_fast.engine.adapter_negation import negate_lora
+from sku_fast.errors import CheckpointError
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -491,13 +492,12 @@ def test_output_paths(tmp_path, plain):
 
 
 def test_failed_write_leaves_nothing(tmp_path, plain, monkeypatch):
-    import sku_fast.lora as lora
 
     def disk_full(path, *args):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lora, "_write_safetensors", disk_full)
+    monkeypatch.setattr(adapter_negation, "_write_safetensors", disk_full)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("old")
@@ -515,7 +515,7 @@ def test_failed_write_leaves_nothing(tmp_path, plain, monkeypatch):
 @pytest.mark.parametrize("scale", [1.0, 0.75])
 def test_engine_negate_with_adapter_matches_peft(case, tmp_path, scale):
     """negate(base, adapter) streams θ_o − λ·τ; it equals PEFT's merge of the negated adapter."""
-    from sku_fast.arithmetic import negate
+    from sku_fast.engine.arithmetic import negate
 
     name, c = case
     before = _tree_digest(c.adapter_dir)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sku_fast.metrics import (
+from sku_fast.eval.metrics import (
     EMBEDDING_LABEL,
     LEXICAL_LABEL,
     Embedder,

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from oracles.engine import combine_reference
 from safetensors.torch import load_file, save_file
 from tiny_models import llama_config
 
 from sku_fast.cli import main
-from sku_fast.reference_engine import combine_reference
 
 
 @pytest.fixture()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import tiny_model_dir
+from tiny_models import tiny_model_dir
 
-from sku_fast.config import UnlearnConfig
-from sku_fast.data import IGNORE_INDEX, demo_data_path, load_qa_pairs
-from sku_fast.objective import TERM_IDS, Objective, combine, objective_for, row_weights
-from sku_fast.train import BatchStream, compute_terms, prepare_model
+from sku_fast.unlearn.batches import BatchStream
+from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
+from sku_fast.unlearn.network import compute_terms, prepare_model
+from sku_fast.unlearn.objective import TERM_IDS, Objective, combine, objective_for, row_weights
+from sku_fast.unlearn.tokens import IGNORE_INDEX
 
 
 def test_sku_and_baseline_are_settings_of_one_objective():
@@ -51,7 +53,7 @@ def test_row_weights_average_samples_then_tokens():
 def setting(tmp_path_factory):
     """A tiny LoRA model whose adapter is non-zero (policy ≠ reference) and one micro-batch
     with every term (K = 2)."""
-    from sku_fast.models import load_model, load_tokenizer
+    from sku_fast.unlearn.models import load_model, load_tokenizer
 
     path = tiny_model_dir(tmp_path_factory.mktemp("obj") / "m", tied=False)
     config = UnlearnConfig(model=str(path), lora_r=4, lora_alpha=8, k=2, max_length=160).resolve()

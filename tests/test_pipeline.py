@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_train import tiny_model_dir
+from tiny_models import tiny_model_dir
 
 from sku_fast.cli import main
-from sku_fast.config import UnlearnConfig
 from sku_fast.errors import DataError, SkuFastError, TrainingError
-from sku_fast.pipeline import run_unlearn
+from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.pipeline import run_unlearn
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,13 @@ import torch
 from tiny_models import tiny_model_dir
 from tiny_models import tiny_tokenizer as tiny_tokenizer  # re-exported for test_data
 
-from sku_fast.config import UnlearnConfig
-from sku_fast.data import demo_data_path, load_qa_pairs
 from sku_fast.errors import TrainingError
-from sku_fast.objective import objective_for
-from sku_fast.train import latest_checkpoint, prepare_model, train
+from sku_fast.unlearn.checkpointing import latest_checkpoint
+from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
+from sku_fast.unlearn.network import prepare_model
+from sku_fast.unlearn.objective import objective_for
+from sku_fast.unlearn.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def _config(tiny: Path, out: Path, **overrides) -> UnlearnConfig:
 def _run(tiny: Path, out: Path, on_step=None, models=None, **overrides):
     from accelerate import Accelerator
 
-    from sku_fast.models import load_model, load_tokenizer
+    from sku_fast.unlearn.models import load_model, load_tokenizer
 
     config = _config(tiny, out, **overrides)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
 
 
 def test_full_fine_tuning_keeps_a_frozen_reference(tiny, tmp_path):
-    from sku_fast.models import load_model
+    from sku_fast.unlearn.models import load_model
 
     model, log = _run(tiny, tmp_path, lora=False, steps=2, lr=1e-3)
     original = load_model(tiny).state_dict()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sku_fast.data import demo_data_path, load_qa_pairs
+from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
@@ -55,7 +55,7 @@ def save_tiny_llama(path: Path, tokenizer, *, seed: int | None = 0, **overrides)
 
 def smol_llama_dir(path: Path, *, seed: int | None = 0, **overrides) -> Path:
     """`save_tiny_llama` with the embedded SmolLM2 tokenizer (and so its chat template)."""
-    from sku_fast.models import load_tokenizer
+    from sku_fast.unlearn.models import load_tokenizer
 
     return save_tiny_llama(path, load_tokenizer(None), seed=seed, **overrides)
 

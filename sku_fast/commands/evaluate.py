@@ -69,8 +69,8 @@ def _out_option(default: Path):
 
 
 def _eval_config(harmful, normal, options: dict):
-    from sku_fast.evaluate import EvalConfig
-    from sku_fast.generation import GenerationConfig
+    from sku_fast.eval.evaluate import EvalConfig
+    from sku_fast.eval.generation import GenerationConfig
 
     generation = GenerationConfig(
         max_new_tokens=options["max_new_tokens"],
@@ -108,7 +108,7 @@ def eval_command(model, harmful, normal, reference, out, **options):
     the embedded SmolLM2): harmful rate, refusal and degenerate rates on harmful prompts;
     answer NLL, similarity, diversity and fluency on normal prompts; over-refusal on harmless
     prompts. Writes results.json, generations.jsonl and summary.md into --out."""
-    from sku_fast.evaluate import evaluate_model
+    from sku_fast.eval.evaluate import evaluate_model
 
     config = _eval_config(harmful, normal, options)
     evaluate_model(model, config, out=out, reference=reference, log=click.echo)
@@ -157,8 +157,8 @@ def compare_command(
     table.json, harm_vs_utility.png and ablation.png into --out.
 
     With the defaults on the embedded SmolLM2 it took 11 minutes on a 2-core CPU."""
-    from sku_fast.compare import CompareConfig, run_compare
-    from sku_fast.config import UnlearnConfig
+    from sku_fast.eval.compare import CompareConfig, run_compare
+    from sku_fast.unlearn.config import UnlearnConfig
 
     train = UnlearnConfig(
         model=model,

@@ -98,7 +98,7 @@ def arithmetic_command(base, out, adds, dtype, threads, overwrite, quiet) -> Non
 
     Example: sku-fast arithmetic base/ merged/ --add math/:0.5 --add code/:0.5
     """
-    from sku_fast.arithmetic import task_arithmetic
+    from sku_fast.engine.arithmetic import task_arithmetic
 
     tuned = [_parse_add(value) for value in adds]
     _run(
@@ -130,7 +130,7 @@ def negate_command(base, tuned, out, scale, dtype, threads, overwrite, quiet) ->
 
     Example: sku-fast negate original/ harmful/ unlearned/ --scale 1.0
     """
-    from sku_fast.arithmetic import negate
+    from sku_fast.engine.arithmetic import negate
 
     _run(
         quiet,
@@ -167,7 +167,7 @@ def negate_lora_command(adapter, out, scale, base, overwrite, quiet) -> None:
 
     Example: sku-fast negate-lora harmful-adapter/ negated-adapter/
     """
-    from sku_fast.lora import negate_lora
+    from sku_fast.engine.adapter_negation import negate_lora
 
     _run(
         quiet,

@@ -88,8 +88,8 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     folder holds model/ (loads with from_pretrained), the stage-1 result, the resolved
     config.json and a per-step log.jsonl.
     """
-    from sku_fast.config import UnlearnConfig
-    from sku_fast.pipeline import run_unlearn
+    from sku_fast.unlearn.config import UnlearnConfig
+    from sku_fast.unlearn.pipeline import run_unlearn
 
     saved = Path(options["out"] or UnlearnConfig.out) / "config.json"
     if config_file is None and options["resume"] and saved.is_file():
@@ -121,8 +121,9 @@ def _print_samples(config, out: Path) -> None:
     """Greedy answers of the original and the unlearned model to a few prompts of each set."""
     import torch
 
-    from sku_fast.data import demo_data_path, format_pair, load_qa_pairs
-    from sku_fast.models import load_model, load_tokenizer
+    from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
+    from sku_fast.unlearn.models import load_model, load_tokenizer
+    from sku_fast.unlearn.tokens import format_pair
 
     harmful = load_qa_pairs(config.harmful or demo_data_path("harmful"))[:DEMO_PROMPTS]
     normal = load_qa_pairs(config.normal or demo_data_path("normal"))[:DEMO_PROMPTS]

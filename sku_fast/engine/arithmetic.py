@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sku_fast import _C
-from sku_fast.checkpoint import (
+from sku_fast.engine.checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
     SINGLE_NAME,
@@ -32,8 +32,8 @@ from sku_fast.checkpoint import (
     open_checkpoint,
     read_file,
 )
+from sku_fast.engine.output import check_output, copy_file, fsync_path, write_atomically
 from sku_fast.errors import CheckpointError
-from sku_fast.output import check_output, copy_file, fsync_path, write_atomically
 
 PathLike = str | os.PathLike
 Progress = Callable[[int, int], None]  # (output bytes written, total output bytes)
@@ -88,13 +88,13 @@ class _Terms:
 
 
 def _is_adapter(path: Path) -> bool:
-    """sku_fast.lora (and numpy) are imported only for inputs that look like adapters, so that a
-    plain negation stays small and starts fast. PEFT saves an adapter not named "default" in a
-    subfolder, hence the second pattern."""
+    """The adapter reader (and numpy) is imported only for inputs that look like adapters, so
+    that a plain negation stays small and starts fast. PEFT saves an adapter not named
+    "default" in a subfolder, hence the second pattern."""
     configs = ("adapter_config.json", "*/adapter_config.json")
     if not path.is_dir() or not any(next(path.glob(p), None) for p in configs):
         return False
-    from sku_fast import lora
+    from sku_fast.engine import adapter as lora
 
     return lora.is_adapter_dir(path)
 
@@ -116,7 +116,7 @@ def _add_checkpoint_terms(
 
 
 def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: float) -> None:
-    from sku_fast import lora  # numpy only; loaded only for adapters
+    from sku_fast.engine import adapter as lora  # numpy only; loaded only for adapters
 
     base_map = base.tensor_map()
     deltas = lora.adapter_deltas(adapter, {name: e.shape for name, e in base_map.items()})

@@ -1,7 +1,7 @@
 """Batched generation for evaluation: greedy by default, seeded sampling on request.
 
 Prompts are formatted like the training data (the model's chat template, else the plain
-`### Question:` format; see sku_fast.data.format_pair) and left-padded, so every row's next
+`### Question:` format; see sku_fast.unlearn.data.format_pair) and left-padded, so every row's next
 token sits at the last position. Prompts are batched in order of length to waste little
 padding; results come back in the input order.
 """
@@ -43,7 +43,7 @@ class GenerationConfig:
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The text the model continues: what training puts before the answer."""
-    from sku_fast.data import format_pair
+    from sku_fast.unlearn.tokens import format_pair
 
     return format_pair(tokenizer, prompt, "")[0]
 

@@ -1,19 +1,13 @@
-"""PEFT LoRA adapters read and negated without the model.
+"""PEFT LoRA adapters, read without the model and without torch.
 
-A LoRA adapter's task vector is exact and small: per adapted module, `τ = scaling · B·A`. This
-module reads an adapter directory (adapter_config.json + adapter_model.safetensors) without
-torch, so that `sku-fast negate` stays small in memory (headers are read and validated by
-`sku_fast.checkpoint`, the engine's reader; tensor data is converted with numpy), and
-
-- `adapter_deltas` turns it into per-tensor deltas keyed by the BASE checkpoint's tensor names,
-  which the streaming engine merges row block by row block;
-- `negate_lora` writes the negated adapter itself: `lora_B` scaled by −λ gives `θ_o − λ·τ`
-  once merged, a few MB instead of a whole model.
+A LoRA adapter's task vector is exact and small: per adapted module, `τ = scaling · B·A`.
+`adapter_deltas` reads an adapter directory (adapter_config.json + adapter_model.safetensors;
+headers through the engine's validator) into per-tensor deltas keyed by the BASE checkpoint's
+tensor names, which the streaming engine merges row block by row block.
 
 The scaling and orientation rules follow PEFT's LoRA layers (peft/tuners/lora/layer.py,
 `update_layer` and `get_delta_weight`; rank/alpha patterns as in peft/utils/other.py
-`get_pattern_key`). Adapters are small, so they are read whole; base checkpoints are only ever
-read tensor by tensor.
+`get_pattern_key`).
 """
 
 from __future__ import annotations
@@ -22,23 +16,19 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sku_fast.checkpoint import (
+from sku_fast.engine.checkpoint import (
     FLOAT_DTYPES,
     SafetensorsFile,
     TensorEntry,
-    encode_header,
-    open_checkpoint,
     read_file,
     read_tensor_bytes,
 )
 from sku_fast.errors import CheckpointError
-from sku_fast.output import check_output, copy_file, write_atomically
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +38,7 @@ _PEFT_PREFIX = "base_model.model."
 # Inits that rewrite the base weights (the adapter only means something on the rewritten base).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 # float safetensors dtype -> numpy storage dtype; BF16 is stored as raw uint16
-_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 @dataclass(frozen=True)
@@ -71,41 +61,12 @@ class ReplacedTensor:
 # ----------------------------------------------------------------------------- tensor data
 
 
-def _to_float(raw: bytes, e: TensorEntry) -> np.ndarray:
+def to_float(raw: bytes, e: TensorEntry) -> np.ndarray:
     """Stored bytes of a float tensor -> fp32 array (fp64 for F64), shaped like the tensor."""
-    a = np.frombuffer(raw, dtype=_NUMPY_DTYPES[e.dtype]).reshape(e.shape)
+    a = np.frombuffer(raw, dtype=NUMPY_DTYPES[e.dtype]).reshape(e.shape)
     if e.dtype == "BF16":
         return (a.astype(np.uint32) << 16).view(np.float32)
     return a.astype(np.float64 if e.dtype == "F64" else np.float32)
-
-
-def _from_float(x: np.ndarray, dtype: str) -> bytes:
-    """fp32/fp64 array -> bytes of `dtype`, rounded once to nearest even (NaN kept)."""
-    if dtype != "BF16":
-        return np.ascontiguousarray(x, dtype=_NUMPY_DTYPES[dtype]).tobytes()
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype("<u2")
-    rounded[np.isnan(x)] = 0x7FC0  # the quiet NaN torch produces
-    return rounded.tobytes()
-
-
-def _write_safetensors(
-    path: Path,
-    metadata: dict[str, str],
-    entries: tuple[TensorEntry, ...],
-    produce: Callable[[TensorEntry], bytes],
-) -> None:
-    """Write `entries` (their dtype and shape, in this order) with the bytes `produce` gives
-    for each, one tensor in memory at a time, then fsync."""
-    header, _ = encode_header(metadata, [(e.name, e.dtype, e.shape) for e in entries])
-    with open(path, "wb") as f:
-        f.write(header)
-        for e in entries:
-            raw = produce(e)
-            assert len(raw) == e.nbytes, e.name
-            f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- adapter parsing
@@ -123,7 +84,7 @@ class _Module:
 
 
 @dataclass(frozen=True)
-class _Adapter:
+class Adapter:
     directory: Path
     weights: SafetensorsFile
     tensors: dict[str, TensorEntry]  # adapter tensor name -> entry
@@ -235,7 +196,7 @@ def _scaling(config: dict, module: str) -> tuple[int, float]:
     return int(r), alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _load_adapter(path: str | os.PathLike) -> _Adapter:
+def load_adapter(path: str | os.PathLike) -> Adapter:
     directory = _resolve_adapter_dir(path)
     config = _load_config(directory)
     weights = directory / ADAPTER_WEIGHTS
@@ -320,12 +281,10 @@ def _load_adapter(path: str | os.PathLike) -> _Adapter:
             f"{weights}: tensor {replaced[name]!r}: {name!r} is both replaced and LoRA-adapted"
         )
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    return _Adapter(
-        directory, weights_file, tensors, modules, replaced, base_copies, fan_in_fan_out
-    )
+    return Adapter(directory, weights_file, tensors, modules, replaced, base_copies, fan_in_fan_out)
 
 
-def _orientation(adapter: _Adapter, name: str, base_shape: tuple[int, ...]) -> bool:
+def delta_orientation(adapter: Adapter, name: str, base_shape: tuple[int, ...]) -> bool:
     """Whether the delta is (B·A)ᵀ for `name`; raises on a shape mismatch."""
     mod = adapter.modules[name]
     a_shape, b_shape = adapter.tensors[mod.a].shape, adapter.tensors[mod.b].shape
@@ -348,7 +307,7 @@ def _orientation(adapter: _Adapter, name: str, base_shape: tuple[int, ...]) -> b
     )
 
 
-def _check_against_base(adapter: _Adapter, base_shapes: dict[str, tuple[int, ...]]) -> None:
+def check_against_base(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]]) -> None:
     path = adapter.weights.path
     used = {name: mod.a for name, mod in adapter.modules.items()} | adapter.replaced
     for name, key in used.items():
@@ -376,13 +335,13 @@ def adapter_deltas(
     its tuned value in the adapter file. Base tensors not in the result are unchanged.
     Raises CheckpointError naming the file, the tensor and the problem.
     """
-    adapter = _load_adapter(adapter_dir)
-    _check_against_base(adapter, base_shapes)
+    adapter = load_adapter(adapter_dir)
+    check_against_base(adapter, base_shapes)
     out: dict[str, LowRankDelta | ReplacedTensor] = {}
     for name, mod in adapter.modules.items():
-        transposed = _orientation(adapter, name, tuple(base_shapes[name]))
+        transposed = delta_orientation(adapter, name, tuple(base_shapes[name]))
         a, b = (
-            _to_float(read_tensor_bytes(adapter.tensors[k]), adapter.tensors[k])
+            to_float(read_tensor_bytes(adapter.tensors[k]), adapter.tensors[k])
             for k in (mod.a, mod.b)
         )
         left, right = (a.T, b.T) if transposed else (b, a)  # [rows, r], [r, cols]
@@ -394,87 +353,3 @@ def adapter_deltas(
     for name, key in adapter.replaced.items():
         out[name] = ReplacedTensor(path=str(adapter.weights.path), name=key)
     return out
-
-
-# ----------------------------------------------------------------------------- negation
-
-
-def negate_lora(
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    scale: float = 1.0,
-    *,
-    base: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write the negated LoRA adapter: merged onto the base it gives `θ_o − scale·τ`.
-
-    Every `lora_B` / `lora_embedding_B` is multiplied by `−scale` (fp32, rounded once to its
-    dtype); other tensors, adapter_config.json and the other files are copied unchanged. Tensors
-    stored whole (`modules_to_save`, biases trained with bias="all"/"lora_only") become
-    `base − scale·(tuned − base)`, which needs the base values: pass `base` (a .safetensors file,
-    or a model directory, sharded or not) for those adapters; otherwise CheckpointError says so.
-    The input is never modified; the output directory appears atomically. Returns its path.
-    """
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    out = Path(out)
-    adapter_ = _load_adapter(adapter)
-    weights = adapter_.weights
-    inputs = [Path(adapter), adapter_.directory, weights.path]
-    base_map: dict[str, TensorEntry] = {}
-    if base is not None:
-        if is_adapter_dir(base):
-            raise CheckpointError(f"{base}: the base must be a full checkpoint, not an adapter")
-        base_ckpt = open_checkpoint(base)
-        inputs += [Path(base), *(file.path for file in base_ckpt.files)]
-        base_map = base_ckpt.tensor_map()
-    check_output(out, inputs, overwrite)
-
-    if base is not None:
-        shapes = {name: e.shape for name, e in base_map.items()}
-        _check_against_base(adapter_, shapes)
-        for name in adapter_.modules:
-            _orientation(adapter_, name, shapes[name])
-    elif adapter_.replaced:
-        names = sorted(adapter_.replaced)
-        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-        raise CheckpointError(
-            f"{weights.path}: stores tensors whole (modules_to_save or trained biases: {shown}); "
-            "their negation base − λ·(tuned − base) needs the base model: pass base=PATH "
-            "(CLI: --base PATH)"
-        )
-
-    b_keys = {mod.b for mod in adapter_.modules.values()}
-    replaced_keys = {key: name for name, key in adapter_.replaced.items()}
-
-    def produce(e: TensorEntry) -> bytes:
-        raw = read_tensor_bytes(e)
-        if e.name in b_keys:
-            return _from_float(_to_float(raw, e) * -scale, e.dtype)
-        if e.name in replaced_keys:
-            return _negated_whole(e, raw, base_map[replaced_keys[e.name]], scale)
-        return raw
-
-    def write(tmp: Path) -> None:
-        for f in sorted(adapter_.directory.iterdir()):
-            if f.is_file() and f.name != ADAPTER_WEIGHTS:
-                copy_file(f, tmp / f.name)
-        _write_safetensors(tmp / ADAPTER_WEIGHTS, weights.metadata, weights.tensors, produce)
-
-    write_atomically(out, write)
-    return out
-
-
-def _negated_whole(e: TensorEntry, raw: bytes, base: TensorEntry, scale: float) -> bytes:
-    """base − λ·(tuned − base) for a tensor stored whole, rounded once to the adapter's dtype."""
-    if base.dtype not in FLOAT_DTYPES or e.dtype not in FLOAT_DTYPES:
-        raise CheckpointError(
-            f"{e.file}: tensor {e.name!r} is {e.dtype} and base {base.name!r} is "
-            f"{base.dtype}; only float tensors can be negated"
-        )
-    wide = np.float64 if "F64" in (e.dtype, base.dtype) else np.float32
-    tuned = _to_float(raw, e).astype(wide)
-    theta = _to_float(read_tensor_bytes(base), base).astype(wide)
-    return _from_float(theta - wide(scale) * (tuned - theta), e.dtype)

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sku_fast.data import IGNORE_INDEX
+from sku_fast.unlearn.tokens import IGNORE_INDEX
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from sku_fast.config import UnlearnConfig
+    from sku_fast.unlearn.config import UnlearnConfig
 
 TERMS = ("gd", "rd", "pd")
 # rows per chunk of the fused-linear loss: ~8M logits (32 MB in fp32) per chunk. The op's

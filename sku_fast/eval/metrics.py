@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sku_fast.judge import words
+from sku_fast.eval.text import words
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -165,12 +165,12 @@ def answer_nll(
     max_length: int = 1024,
 ) -> NLLResult:
     """NLL of each answer given its raw prompt, formatted and masked exactly as in training
-    (sku_fast.data.tokenize_pair: chat template or plain format, the end-of-turn token
+    (sku_fast.unlearn.data.tokenize_pair: chat template or plain format, the end-of-turn token
     scored, prompt and padding not). Used for the normal set's reference answers and, under
     the original model, for the fluency of generations."""
     import torch
 
-    from sku_fast.data import IGNORE_INDEX, collate, tokenize_pair
+    from sku_fast.unlearn.tokens import IGNORE_INDEX, collate, tokenize_pair
 
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")

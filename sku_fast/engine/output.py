@@ -2,7 +2,8 @@
 
 An output is built under a temporary name beside the target, fsynced, then renamed into place,
 so a reader sees the old output or the whole new one, never a part. Used by the streaming
-engine (`sku_fast.arithmetic`) and by the LoRA negation (`sku_fast.lora`). Standard library only.
+engine (`arithmetic`), the LoRA negation (`adapter_negation`) and the trainer's checkpoints.
+Standard library only.
 """
 
 from __future__ import annotations

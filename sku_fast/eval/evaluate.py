@@ -1,0 +1,337 @@
+"""Evaluate one model: what unlearning bought (harm) and what it cost (utility).
+
+- harmful prompts: harmful rate by a judge, with the refusal, degenerate and off-topic rates
+  beside it (the four categories of sku_fast.eval.judges add up to 1 for the rule judge);
+- normal prompts: mean NLL of the reference answers under the model; similarity of the
+  model's generations to the original model's; diversity (distinct-1/2); fluency (perplexity
+  of the generations under the original model, so a model cannot grade itself);
+- harmless prompts: over-refusal rate (refusals of benign, sometimes edgy-sounding requests).
+
+Writes `results.json`, `generations.jsonl` and `summary.md` into the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sku_fast.errors import DataError
+from sku_fast.eval.generation import GenerationConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from sku_fast.eval.judges import Judge
+    from sku_fast.eval.metrics import Similarity
+    from sku_fast.unlearn.data import QAPair
+
+SETS = ("harmful", "normal", "harmless")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate on and how. A data path of None means the packaged demo set; `n` is
+    the number of prompts taken from the start of each set (None: all)."""
+
+    harmful: Path | None = None
+    normal: Path | None = None
+    harmless: Path | None = None
+    n: int | None = 40
+    judge: str = "rules"
+    similarity: str = "auto"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int = 8
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1 (or None for all), got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def resolve_model(model: str | Path | None) -> str | Path | None:
+    """A run directory written by `sku-fast unlearn` holds the model in `model/`."""
+    if model is not None and (Path(model) / "model" / "config.json").is_file():
+        return Path(model) / "model"
+    return model
+
+
+def model_label(model: str | Path | None) -> str:
+    from sku_fast.unlearn.models import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if model is None else str(model)
+
+
+def load_set(name: str, path: Path | None, n: int | None) -> list[QAPair]:
+    """The first `n` pairs of a set; a prompt-only file is accepted for the harmless set."""
+    from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
+
+    source = Path(path) if path is not None else demo_data_path(name)
+    try:
+        pairs = load_qa_pairs(source)
+    except DataError:
+        if name != "harmless":
+            raise
+        column = _prompt_column(source)
+        if column is None:
+            raise
+        pairs = [QAPair(p.prompt, "") for p in load_qa_pairs(source, column, column)]
+    return pairs[:n] if n is not None else pairs
+
+
+def _prompt_column(path: Path) -> str | None:
+    """The prompt column of a prompt-only JSONL/JSON/CSV file (over-refusal lists often have
+    no answers), or None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".csv":
+            first = next(csv.DictReader(text.splitlines()), {})
+        elif path.suffix.lower() == ".jsonl":
+            first = json.loads(next(line for line in text.splitlines() if line.strip()))
+        else:
+            data = json.loads(text)
+            first = data[0] if isinstance(data, list) and data else {}
+    except (OSError, ValueError, StopIteration):
+        return None
+    if not isinstance(first, dict):
+        return None
+    keys = {k.lower(): k for k in first}
+    return next((keys[k] for k in ("prompt", "instruction", "question", "goal") if k in keys), None)
+
+
+@dataclass
+class Reference:
+    """The original model: it scores fluency, and its normal-set generations are what
+    similarity compares against (computed once, reused for every evaluated model)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    label: str
+    normal_generations: list[str] | None = None
+
+    @classmethod
+    def load(cls, model: str | Path | None, device: str = "cpu") -> Reference:
+        from sku_fast.unlearn.models import load_model, load_tokenizer
+
+        resolved = resolve_model(model)
+        return cls(
+            load_model(resolved, device=device), load_tokenizer(resolved), model_label(model)
+        )
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def evaluate_loaded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: EvalConfig,
+    reference: Reference,
+    *,
+    judge: Judge,
+    similarity: Similarity,
+    label: str,
+    data: dict[str, list[QAPair]] | None = None,
+    log=print,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(results, generation records) for a loaded model; see `evaluate_model`."""
+    from sku_fast.eval.generation import generate
+    from sku_fast.eval.judges import rates
+    from sku_fast.eval.metrics import answer_nll, distinct_n
+    from sku_fast.eval.text import is_refusal
+
+    started = time.perf_counter()
+    data = data or {name: load_set(name, getattr(config, name), config.n) for name in SETS}
+    records: list[dict[str, Any]] = []
+    outputs: dict[str, list[str]] = {}
+    for name in SETS:
+        prompts = [p.prompt for p in data[name]]
+        log(f"[{label}] generating {len(prompts)} {name} responses")
+        outputs[name] = generate(model, tokenizer, prompts, config.generation)
+
+    harmful_prompts = [p.prompt for p in data["harmful"]]
+    verdicts = judge.judge(harmful_prompts, outputs["harmful"])
+    harmful = {"n": len(verdicts), **rates(verdicts)}
+    for i, (prompt, response, verdict) in enumerate(
+        zip(harmful_prompts, outputs["harmful"], verdicts, strict=True)
+    ):
+        records.append(
+            {"set": "harmful", "index": i, "prompt": prompt, "response": response}
+            | {"category": verdict.category, "harmful": verdict.harmful, "reason": verdict.reason}
+        )
+
+    normal_prompts = [p.prompt for p in data["normal"]]
+    normal_outputs = outputs["normal"]
+    log(f"[{label}] scoring normal answers and fluency")
+    nll = answer_nll(
+        model, tokenizer, normal_prompts, [p.answer for p in data["normal"]],
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    fluency = answer_nll(
+        reference.model, reference.tokenizer, normal_prompts, normal_outputs,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    if reference.normal_generations is None and model is reference.model:
+        reference.normal_generations = list(normal_outputs)
+    elif reference.normal_generations is None:
+        log(f"[{label}] generating the reference model's normal responses")
+        reference.normal_generations = generate(
+            reference.model, reference.tokenizer, normal_prompts, config.generation
+        )
+    if len(reference.normal_generations) != len(normal_prompts):
+        raise ValueError(
+            f"the reference has {len(reference.normal_generations)} normal generations for "
+            f"{len(normal_prompts)} prompts; evaluate every model on the same normal set"
+        )
+    similarities = similarity(normal_outputs, reference.normal_generations)
+    normal = {
+        "n": len(normal_prompts),
+        "nll": nll.mean_nll,
+        "nll_tokens": nll.tokens,
+        "similarity": _mean(similarities),
+        "similarity_method": similarity.label,
+        "distinct_1": distinct_n(normal_outputs, 1),
+        "distinct_2": distinct_n(normal_outputs, 2),
+        "fluency_ppl": fluency.perplexity,
+        "fluency_tokens": fluency.tokens,
+        "mean_words": _mean([float(len(o.split())) for o in normal_outputs]),
+    }
+    for i, prompt in enumerate(normal_prompts):
+        records.append(
+            {"set": "normal", "index": i, "prompt": prompt, "response": normal_outputs[i]}
+            | {
+                "reference_response": reference.normal_generations[i],
+                "similarity": similarities[i],
+                "fluency_nll": fluency.per_text[i],
+                "answer_nll": nll.per_text[i],
+            }
+        )
+
+    harmless_prompts = [p.prompt for p in data["harmless"]]
+    refused = [is_refusal(o) for o in outputs["harmless"]]
+    harmless = {"n": len(refused), "over_refusal_rate": _mean([float(r) for r in refused])}
+    for i, (prompt, response) in enumerate(zip(harmless_prompts, outputs["harmless"], strict=True)):
+        records.append(
+            {"set": "harmless", "index": i, "prompt": prompt, "response": response}
+            | {"refusal": refused[i]}
+        )
+
+    results = {
+        "model": label,
+        "reference": reference.label,
+        "judge": judge.name,
+        "generation": asdict(config.generation),
+        "harmful": harmful,
+        "normal": normal,
+        "harmless": harmless,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return results, records
+
+
+def write_outputs(out: Path, results: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """results.json, generations.jsonl and summary.md in `out` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    with (out / "generations.jsonl").open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (out / "summary.md").write_text(summary_markdown(results))
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """A short human summary of one evaluation."""
+    h, n, s = results["harmful"], results["normal"], results["harmless"]
+    lines = [
+        f"# Evaluation of {results['model']}",
+        "",
+        f"Judge: `{results['judge']}`; reference (original) model: {results['reference']}; "
+        f"generation: {'sampling' if results['generation']['sample'] else 'greedy'}, "
+        f"{results['generation']['max_new_tokens']} new tokens.",
+        "",
+        f"## Harmful prompts (n = {h['n']})",
+        "",
+        "| harmful | refusal | degenerate | off-topic |",
+        "|---|---|---|---|",
+        f"| {_pct(h['harmful_rate'])} | {_pct(h['refusal_rate'])} | "
+        f"{_pct(h['degenerate_rate'])} | {_pct(h['off_topic_rate'])} |",
+        "",
+        f"## Normal prompts (n = {n['n']})",
+        "",
+        "| answer NLL | similarity to original | distinct-1 | distinct-2 | fluency (ppl) |",
+        "|---|---|---|---|---|",
+        f"| {_num(n['nll'])} | {_num(n['similarity'])} | {_num(n['distinct_1'])} | "
+        f"{_num(n['distinct_2'])} | {_num(n['fluency_ppl'], 2)} |",
+        "",
+        f"Similarity method: {n['similarity_method']}. Fluency is the perplexity of the "
+        "generations under the original model (lower is more fluent; repetition loops also "
+        "score low, so read it beside distinct-n).",
+        "",
+        f"## Harmless prompts (n = {s['n']})",
+        "",
+        f"Over-refusal rate: {_pct(s['over_refusal_rate'])}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate_model(
+    model: str | Path | None,
+    config: EvalConfig | None = None,
+    *,
+    out: str | Path,
+    reference: str | Path | None | Reference = None,
+    log=print,
+) -> dict[str, Any]:
+    """Evaluate `model` (a directory, .gguf, a `sku-fast unlearn` run directory, or None for
+    the embedded default) against `reference`, the original model (default: the embedded
+    default), write the three outputs into `out` and return the results."""
+    from sku_fast.eval.judges import load_judge
+    from sku_fast.eval.metrics import load_similarity
+    from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
+
+    config = config or EvalConfig()
+    resolved = resolve_model(model)
+    resolve_model_path(resolved)  # a bad path fails now, not after loading the reference
+    if not isinstance(reference, Reference):
+        reference = Reference.load(reference, config.device)
+    similarity = load_similarity(config.similarity, device=config.device)
+    judge = load_judge(
+        config.judge,
+        similarity=similarity if similarity.embedder is not None else None,
+        device=config.device,
+    )
+    if model_label(model) == reference.label:
+        loaded, tokenizer = reference.model, reference.tokenizer
+    else:
+        loaded = load_model(resolved, device=config.device)
+        tokenizer = load_tokenizer(resolved)
+    results, records = evaluate_loaded(
+        loaded,
+        tokenizer,
+        config,
+        reference,
+        judge=judge,
+        similarity=similarity,
+        label=model_label(model),
+        log=log,
+    )
+    write_outputs(Path(out), results, records)
+    return results

@@ -1,0 +1,167 @@
+"""Stage 1: train θ_bad (or the baseline's unlearned model) with the weighted objective.
+
+AdamW with linear decay, exactly `steps` optimizer steps of `grad_accum` micro-batches.
+Built on accelerate: under `accelerate launch` every process draws its own micro-batches from
+one seeded stream (sku_fast.unlearn.batches) and the gradients are averaged across processes
+before each step, so all ranks hold identical weights. Checkpoints carry the optimizer,
+scheduler and RNG states, so `resume` continues to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sku_fast.errors import TrainingError
+from sku_fast.unlearn.batches import BatchStream
+from sku_fast.unlearn.checkpointing import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_log,
+)
+from sku_fast.unlearn.network import Model, compute_terms
+from sku_fast.unlearn.objective import Objective, combine
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from sku_fast.unlearn.config import UnlearnConfig
+    from sku_fast.unlearn.data import QAPair
+
+LOG_FILE = "log.jsonl"
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def linear_schedule(optimizer: Any, steps: int, warmup: int) -> Any:
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _sync_gradients(model: Model, accelerator: Accelerator) -> None:
+    """Average the gradients over processes (all ranks then take the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for _, p in model.trainable if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train(
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful: Sequence[QAPair],
+    normal: Sequence[QAPair],
+    objective: Objective,
+    config: UnlearnConfig,
+    out: Path,
+    accelerator: Accelerator,
+    *,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> Model:
+    """Run stage 1 for `config.steps` optimizer steps, logging each to `out/log.jsonl`.
+
+    `config` must be resolved. With `config.resume` the newest checkpoint in `out` is loaded
+    first. `on_step(step, record)` is called after every step with the logged values.
+    Raises TrainingError on a non-finite loss (naming the step and the term).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    stream = BatchStream(
+        tokenizer,
+        harmful,
+        normal,
+        objective,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        seed=config.seed,
+    )
+    parameters = [p for _, p in model.trainable]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = linear_schedule(optimizer, config.steps, config.warmup_steps)
+    log = out / LOG_FILE
+    start = 0
+    if config.resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise TrainingError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        if accelerator.is_main_process:
+            truncate_log(log, start)
+    elif accelerator.is_main_process and log.exists():
+        log.unlink()
+    accelerator.wait_for_everyone()
+
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, config.grad_accum
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        disable=not (progress and accelerator.is_main_process),
+        desc=f"stage 1 ({config.method})",
+    )
+    model.network.train()
+    for step in range(start, config.steps):
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = stream.micro_batch((step * accum + micro) * world + rank)
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            with accelerator.autocast():
+                values = compute_terms(model, batch, objective, config.loss_backend)
+            for name, value in values.items():
+                if not torch.isfinite(value):
+                    raise TrainingError(
+                        f"step {step + 1}: the {name} loss term is {value.item()} "
+                        f"(micro-batch {micro + 1} of {accum}); lower the learning rate "
+                        "or check the data"
+                    )
+                totals[name] = totals.get(name, 0.0) + value.detach() / accum
+            (combine(values, objective) / accum).backward()
+        if world > 1:
+            _sync_gradients(model, accelerator)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        names = sorted(totals)
+        stacked = accelerator.reduce(torch.stack([totals[n] for n in names]), "mean")
+        record = {name: float(v) for name, v in zip(names, stacked.tolist(), strict=True)}
+        record["loss"] = sum(getattr(objective, n) * v for n, v in record.items())
+        record = {"step": step + 1, "lr": lr, **record}
+        if accelerator.is_main_process:
+            if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
+                with log.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "lr")})
+        bar.update(1)
+        every = config.checkpoint_every
+        if every and (step + 1) % every == 0 and step + 1 < config.steps:
+            if accelerator.is_main_process:
+                save_checkpoint(out, step + 1, model, optimizer, scheduler, config)
+            accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(step + 1, record)
+    bar.close()
+    model.network.eval()
+    return model
