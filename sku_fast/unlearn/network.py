@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sku_fast.errors import TrainingError
-from sku_fast.unlearn.objective import Objective, term_values, term_values_from_logits
+from sku_fast.unlearn.objective import HiddenStatesHead, LogitsHead, Objective, term_values
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -86,10 +86,10 @@ def compute_terms(model: Model, batch: dict[str, torch.Tensor], objective: Objec
     """The objective's term values on one micro-batch with the chosen loss backend."""
     network, reference = model.network, model.reference_network()
 
-    def reference_call(function):
+    def on_reference(forward):
         def call(ids, mask):
             with model.reference_context():
-                return function(reference, ids, mask)
+                return forward(reference, ids, mask)
 
         return call
 
@@ -97,19 +97,19 @@ def compute_terms(model: Model, batch: dict[str, torch.Tensor], objective: Objec
         hidden = lambda net, ids, mask: (
             net.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         )
-        return term_values(
+        head = HiddenStatesHead(
             batch,
-            objective,
-            policy_hidden=lambda ids, mask: hidden(network, ids, mask),
+            policy=lambda ids, mask: hidden(network, ids, mask),
             policy_head=network.get_output_embeddings().weight,
-            reference_hidden=reference_call(hidden),
+            reference=on_reference(hidden),
             reference_head=reference.get_output_embeddings().weight,
         )
-    logits = lambda net, ids, mask: net(input_ids=ids, attention_mask=mask).logits
-    return term_values_from_logits(
-        batch,
-        objective,
-        policy_logits=lambda ids, mask: logits(network, ids, mask),
-        reference_logits=reference_call(logits),
-        backend="torch" if backend == "torch" else "fused",
-    )
+    else:
+        logits = lambda net, ids, mask: net(input_ids=ids, attention_mask=mask).logits
+        head = LogitsHead(
+            batch,
+            policy=lambda ids, mask: logits(network, ids, mask),
+            reference=on_reference(logits),
+            backend="torch" if backend == "torch" else "fused",
+        )
+    return term_values(batch, objective, head)

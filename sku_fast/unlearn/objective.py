@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sku_fast.unlearn.tokens import IGNORE_INDEX
 
@@ -84,124 +84,124 @@ def row_weights(labels: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     return counted * scale[:, None]
 
 
-Hidden = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+Forward = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+class LossHead(Protocol):
+    """How a batch's per-token losses are computed: `weighted_loss` returns Σ weight·loss over
+    the counted tokens of the selected rows, where loss is the policy's cross-entropy, or with
+    `divergence` the KL(h_θo ‖ h_θ) from the frozen reference."""
+
+    def weighted_loss(
+        self, rows: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, divergence: bool
+    ) -> torch.Tensor: ...
 
 
 def term_values(
-    batch: dict[str, torch.Tensor],
-    objective: Objective,
-    *,
-    policy_hidden: Hidden,
-    policy_head: torch.Tensor,
-    reference_hidden: Hidden | None,
-    reference_head: torch.Tensor | None,
+    batch: dict[str, torch.Tensor], objective: Objective, head: LossHead
 ) -> dict[str, torch.Tensor]:
-    """Each active term's value (a scalar) with the fused-linear op: logits are never formed.
+    """Each active term's value (a scalar) on one micro-batch.
 
     batch: input_ids, attention_mask, labels [B, T] (unshifted) and term [B].
-    policy_hidden / reference_hidden: (input_ids, attention_mask) -> last hidden states
-        [B, T, H]; *_head: the output-layer weight [V, H].
     """
-    import torch
-
-    from sku_fast.ops import fused_linear_token_loss
-
-    labels, terms = batch["labels"][:, 1:], batch["term"]
+    labels, terms = batch["labels"][:, 1:], batch["term"]  # [B, T-1], [B]
     weights = row_weights(labels, terms)
-    hidden = policy_hidden(batch["input_ids"], batch["attention_mask"])[:, :-1]  # [B, T-1, H]
-    chunk_rows = max(1, CHUNK_LOGITS // policy_head.shape[0])
     values: dict[str, torch.Tensor] = {}
-    for name in ("gd", "rd"):
+    for name in TERMS:
         rows = terms == TERM_IDS[name]
         if objective.active(name) and bool(rows.any()):
-            counted = rows[:, None] & (labels != IGNORE_INDEX)  # [B, T-1]
-            values[name] = fused_linear_token_loss(
-                hidden[counted],
-                policy_head,
-                labels[counted],
-                ce_weight=weights[counted],
-                kl_weight=0.0,
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-                chunk_rows=chunk_rows,
-            )
-    rows = terms == TERM_IDS["pd"]
-    if objective.active("pd") and bool(rows.any()):
-        assert reference_hidden is not None and reference_head is not None
-        with torch.no_grad():
-            ref = reference_hidden(batch["input_ids"][rows], batch["attention_mask"][rows])
-        counted = labels[rows] != IGNORE_INDEX  # [P, T-1]
-        values["pd"] = fused_linear_token_loss(
-            hidden[rows][counted],
-            policy_head,
+            values[name] = head.weighted_loss(rows, labels, weights, divergence=name == "pd")
+    return values
+
+
+@dataclass
+class HiddenStatesHead:
+    """The fused-linear loss on the last hidden states: the N × V logits are never formed.
+
+    policy / reference: (input_ids, attention_mask) -> last hidden states [B, T, H];
+    policy_head / reference_head: the output-layer weight [V, H].
+    """
+
+    batch: dict[str, torch.Tensor]
+    policy: Forward
+    policy_head: torch.Tensor
+    reference: Forward
+    reference_head: torch.Tensor
+
+    def __post_init__(self) -> None:
+        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
+        self.hidden = self.policy(ids, mask)[:, :-1]  # [B, T-1, H]
+        self.chunk_rows = max(1, CHUNK_LOGITS // self.policy_head.shape[0])
+
+    def weighted_loss(self, rows, labels, weights, divergence):
+        import torch
+
+        from sku_fast.ops import fused_linear_token_loss
+
+        counted = labels[rows] != IGNORE_INDEX  # [R, T-1]
+        reference = None
+        if divergence:
+            ids, mask = self.batch["input_ids"][rows], self.batch["attention_mask"][rows]
+            with torch.no_grad():
+                reference = self.reference(ids, mask)[:, :-1][counted]
+        return fused_linear_token_loss(
+            self.hidden[rows][counted],
+            self.policy_head,
             labels[rows][counted],
-            ref[:, :-1][counted],
-            reference_head,
-            ce_weight=0.0,
-            kl_weight=weights[rows][counted],
+            reference,
+            self.reference_head if divergence else None,
+            ce_weight=0.0 if divergence else weights[rows][counted],
+            kl_weight=weights[rows][counted] if divergence else 0.0,
             ignore_index=IGNORE_INDEX,
             reduction="sum",
-            chunk_rows=chunk_rows,
+            chunk_rows=self.chunk_rows,
         )
-    return values
 
 
-def term_values_from_logits(
-    batch: dict[str, torch.Tensor],
-    objective: Objective,
-    *,
-    policy_logits: Hidden,
-    reference_logits: Hidden | None,
-    backend: str = "fused",
-) -> dict[str, torch.Tensor]:
-    """Each active term's value from full logits [B, T, V].
+@dataclass
+class LogitsHead:
+    """The losses on full logits [B, T, V]. backend "fused": the fused token-loss op;
+    "torch": the published code's way, log-softmax of the model and softmax and log of the
+    reference in PyTorch (its masking defects fixed), kept as the benchmark baseline."""
 
-    backend "fused": the fused token-loss op on the logits; "torch": the published code's way,
-    log-softmax of the model and softmax and log of the reference in PyTorch (with its masking
-    defects fixed), kept as the benchmark baseline.
-    """
-    import torch
+    batch: dict[str, torch.Tensor]
+    policy: Forward
+    reference: Forward
+    backend: str = "fused"
 
-    from sku_fast.ops import token_loss
+    def __post_init__(self) -> None:
+        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
+        self.logits = self.policy(ids, mask)[:, :-1]  # [B, T-1, V]
 
-    labels, terms = batch["labels"][:, 1:], batch["term"]
-    weights = row_weights(labels, terms)
-    logits = policy_logits(batch["input_ids"], batch["attention_mask"])[:, :-1]  # [B, T-1, V]
-    values: dict[str, torch.Tensor] = {}
+    def weighted_loss(self, rows, labels, weights, divergence):
+        import torch
 
-    def loss(rows, ref):
-        # rows of one term: logits [R, T-1, V], labels and weights [R, T-1], ref like logits
-        sub_logits, sub_labels, sub_weights = logits[rows], labels[rows], weights[rows]
-        if backend == "fused":
+        from sku_fast.ops import token_loss
+
+        logits, labels, weights = self.logits[rows], labels[rows], weights[rows]
+        reference = None
+        if divergence:
+            ids, mask = self.batch["input_ids"][rows], self.batch["attention_mask"][rows]
+            with torch.no_grad():
+                reference = self.reference(ids, mask)[:, :-1]  # [R, T-1, V]
+        if self.backend == "fused":
             return token_loss(
-                sub_logits.flatten(0, 1),
-                sub_labels.flatten(),
-                None if ref is None else ref.flatten(0, 1),
-                ce_weight=sub_weights.flatten() if ref is None else 0.0,
-                kl_weight=0.0 if ref is None else sub_weights.flatten(),
+                logits.flatten(0, 1),
+                labels.flatten(),
+                None if reference is None else reference.flatten(0, 1),
+                ce_weight=0.0 if divergence else weights.flatten(),
+                kl_weight=weights.flatten() if divergence else 0.0,
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
-        counted = (sub_labels != IGNORE_INDEX).to(sub_weights.dtype)
-        logp = torch.log_softmax(sub_logits.float(), dim=-1)
-        if ref is None:
-            picked = logp.gather(-1, sub_labels.clamp_min(0)[..., None])[..., 0]
-            return -(picked * sub_weights * counted).sum()
-        q = torch.softmax(ref.float(), dim=-1)
+        counted = (labels != IGNORE_INDEX).to(weights.dtype)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if reference is None:
+            picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+            return -(picked * weights * counted).sum()
+        q = torch.softmax(reference.float(), dim=-1)
         kl_tok = (q * (torch.log(q.clamp_min(1e-30)) - logp)).sum(-1)  # [R, T-1]
-        return (kl_tok * sub_weights * counted).sum()
-
-    for name in ("gd", "rd"):
-        rows = terms == TERM_IDS[name]
-        if objective.active(name) and bool(rows.any()):
-            values[name] = loss(rows, None)
-    rows = terms == TERM_IDS["pd"]
-    if objective.active("pd") and bool(rows.any()):
-        assert reference_logits is not None
-        with torch.no_grad():
-            ref = reference_logits(batch["input_ids"][rows], batch["attention_mask"][rows])
-        values["pd"] = loss(rows, ref[:, :-1])
-    return values
+        return (kl_tok * weights * counted).sum()
 
 
 def combine(values: dict[str, torch.Tensor], objective: Objective) -> torch.Tensor:
