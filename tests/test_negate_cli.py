@@ -108,6 +108,81 @@ def test_negate_command_imports_nothing_heavy(pair):
     assert (root / "o" / "model.safetensors").is_file()
 
 
+# Run in a fresh interpreter where importing torch and the training stack fails, as on a
+# base install (`pip install sku-fast`, no extras).
+WITHOUT_TRAIN_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+BLOCKED = ("torch", "transformers", "triton", "peft", "accelerate", "safetensors")
+
+class Blocked(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Blocked())
+from sku_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _without_train_extra(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRAIN_EXTRA, *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _hand_made_adapter(path, rows: int, cols: int) -> None:
+    """A PEFT LoRA adapter (rank 2) on a module "proj" with a [rows, cols] weight, written
+    without peft."""
+    import json
+
+    path.mkdir()
+    g = torch.Generator().manual_seed(1)
+    save_file(
+        {
+            "base_model.model.proj.lora_A.weight": torch.randn(2, cols, generator=g),
+            "base_model.model.proj.lora_B.weight": torch.randn(rows, 2, generator=g),
+        },
+        path / "adapter_model.safetensors",
+    )
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["proj"]}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_engine_commands_work_without_torch(pair):
+    """negate, arithmetic and negate-lora need only the base install; unlearn says which
+    extra it needs, in one line."""
+    root, base, _ = pair
+    save_file({"proj.weight": torch.randn(37, 53)}, root / "model.safetensors")
+    _hand_made_adapter(root / "adapter", 37, 53)
+    for args in (
+        ["negate", root / "base.safetensors", root / "tuned.safetensors", root / "neg"],
+        ["negate", root / "model.safetensors", root / "adapter", root / "neg-lora"],
+        ["arithmetic", root / "base.safetensors", root / "sum", "--add",
+         f"{root / 'tuned.safetensors'}:0.5"],
+        ["negate-lora", root / "adapter", root / "negated-adapter"],
+    ):  # fmt: skip
+        result = _without_train_extra(*args, "--quiet")
+        assert result.returncode == 0, (args, result.stderr)
+    assert load_file(root / "neg" / "model.safetensors")["w"].shape == base["w"].shape
+    b = load_file(root / "adapter" / "adapter_model.safetensors")
+    negated = load_file(root / "negated-adapter" / "adapter_model.safetensors")
+    key = "base_model.model.proj.lora_B.weight"
+    assert torch.equal(negated[key], -b[key])
+
+    result = _without_train_extra("unlearn", "--out", root / "run", "--steps", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "Error: `sku-fast unlearn` needs the [train] extra (module 'torch' is not installed): "
+        "pip install 'sku-fast[train]'"
+    )
+    assert not (root / "run").exists()
+
+
 def test_negate_lora_and_negate_with_an_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")

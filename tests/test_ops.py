@@ -150,6 +150,7 @@ def test_no_grad_leaves_inplace_logits_untouched():
     assert torch.equal(logits, z)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     z, y, zr, a, b = _batch()
 
