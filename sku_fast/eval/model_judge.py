@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from sku_fast.errors import SkuFastError
 from sku_fast.eval.judges import RuleJudge, Verdict, check_lengths
@@ -34,7 +38,6 @@ class ClassifierJudge:
         threshold: float = 0.5,
         max_length: int = 1024,
     ) -> None:
-        import json
 
         self.path = Path(path).expanduser()
         config_file = self.path / "config.json"
@@ -59,11 +62,6 @@ class ClassifierJudge:
         self._tokenizer = None
 
     def _load(self) -> None:
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
 
         if self._model is not None:
             return
@@ -83,7 +81,6 @@ class ClassifierJudge:
     def unsafe_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Per pair, the judge model's score that the response is unsafe (harmful when > 0.5
         for classifiers; for guard LMs, P(unsafe) / (P(unsafe) + P(safe)))."""
-        import torch
 
         check_lengths(prompts, responses)
         self._load()

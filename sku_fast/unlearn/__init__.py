@@ -1,7 +1,17 @@
 """SKU and the gradient-ascent baseline: settings, data, the objective, the trainer and the
-pipeline that writes a run folder."""
+pipeline that writes a run folder. Names are imported lazily: `UnlearnConfig` needs no torch."""
 
-from sku_fast.unlearn.config import UnlearnConfig
-from sku_fast.unlearn.pipeline import run_unlearn
+from importlib import import_module
 
-__all__ = ["UnlearnConfig", "run_unlearn"]
+_EXPORTS = {
+    "UnlearnConfig": "sku_fast.unlearn.config",
+    "run_unlearn": "sku_fast.unlearn.pipeline",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sku_fast.unlearn' has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from sku_fast.errors import DataError
 from sku_fast.unlearn.objective import TERM_IDS, Objective
 from sku_fast.unlearn.tokens import TokenRow, collate, tokenize_pair
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from sku_fast.unlearn.data import QAPair
@@ -38,7 +38,6 @@ class Sampler:
         return [self._at(p) for p in range(position, position + count)]
 
     def _at(self, position: int) -> int:
-        import numpy as np
 
         epoch, offset = divmod(position, self.size)
         if epoch != self._epoch:
@@ -49,7 +48,6 @@ class Sampler:
 
 def answer_groups(answers: Sequence[str]) -> np.ndarray:
     """One integer per sample, equal for samples with the same answer text [n]."""
-    import numpy as np
 
     groups = np.unique(np.asarray(list(answers), dtype=str), return_inverse=True)[1]
     if groups.max(initial=0) == 0:
@@ -65,7 +63,6 @@ def random_answers(
 ) -> list[list[int]]:
     """For each sample index i, k indices of other samples whose answer differs from i's
     (random disassociation never pairs a prompt with its own answer), drawn with `rng`."""
-    import numpy as np
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -115,8 +112,6 @@ class BatchStream:
         return self._cache[key]
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        import numpy as np
-        import torch
 
         b, rows, terms = self.batch_size, [], []
         harmful = self.harmful_order.take(index * b, b)

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from sku_fast.engine.output import write_atomically
 from sku_fast.errors import TrainingError
 
@@ -18,8 +21,6 @@ _RESUME_FREE = ("resume", "overwrite", "checkpoint_every", "log_every")
 
 
 def save_checkpoint(out: Path, step: int, model: Model, optimizer, scheduler, config) -> None:
-    import torch
-    from safetensors.torch import save_file
 
     def write(staging: Path) -> None:
         weights = {name: p.detach().cpu().contiguous() for name, p in model.trainable}
@@ -46,8 +47,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: Model, optimizer, scheduler, config) -> int:
-    import torch
-    from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
     saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}

@@ -18,15 +18,10 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sku_fast.errors import DataError
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-IGNORE_INDEX = -100
-PLAIN_TEMPLATE = "### Question: {q}\n ### Answer: {a}"
 DEMO_DATA = ("harmful", "normal", "harmless")
 
 _PROMPT_KEYS = ("prompt", "question", "instruction", "input", "query")

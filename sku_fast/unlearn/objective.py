@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+
+from sku_fast.ops import fused_linear_token_loss, token_loss
 from sku_fast.unlearn.tokens import IGNORE_INDEX
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from sku_fast.unlearn.config import UnlearnConfig
 
 TERMS = ("gd", "rd", "pd")
@@ -71,7 +72,6 @@ def row_weights(labels: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     averages over the K answers (separate rows) and the prompts at once;
     pd: 1 / (pd answer tokens).
     """
-    import torch
 
     counted = (labels != IGNORE_INDEX).to(torch.float32)  # [B, T-1]
     per_row = counted.sum(dim=1).clamp_min(1.0)  # [B]
@@ -134,9 +134,6 @@ class HiddenStatesHead:
         self.chunk_rows = max(1, CHUNK_LOGITS // self.policy_head.shape[0])
 
     def weighted_loss(self, rows, labels, weights, divergence):
-        import torch
-
-        from sku_fast.ops import fused_linear_token_loss
 
         counted = labels[rows] != IGNORE_INDEX  # [R, T-1]
         reference = None
@@ -174,9 +171,6 @@ class LogitsHead:
         self.logits = self.policy(ids, mask)[:, :-1]  # [B, T-1, V]
 
     def weighted_loss(self, rows, labels, weights, divergence):
-        import torch
-
-        from sku_fast.ops import token_loss
 
         logits, labels, weights = self.logits[rows], labels[rows], weights[rows]
         reference = None

@@ -19,11 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from sku_fast.engine.adapter_negation import negate_lora
+from sku_fast.engine.arithmetic import negate, task_arithmetic
 from sku_fast.errors import TrainingError
 from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
+from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
+from sku_fast.unlearn.network import prepare_model
+from sku_fast.unlearn.objective import objective_for
+from sku_fast.unlearn.trainer import train
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,7 +52,6 @@ def _has_safetensors(path: Path) -> bool:
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
     """Write a model as model.safetensors + config + tokenizer (works for GGUF-loaded models,
     which refuse save_pretrained). Tied weights are stored once, as transformers expects."""
-    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, {}
@@ -59,7 +70,6 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
 
 
 def _prepare_out(config: UnlearnConfig) -> Path:
-    import shutil
 
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -87,16 +97,6 @@ def run_unlearn(
     trains, the main process writes the folder. `on_step(step, record)` is called after each
     optimizer step (e.g. to stop early or watch the losses).
     """
-    import torch
-    from accelerate import Accelerator
-
-    from sku_fast.engine.adapter_negation import negate_lora
-    from sku_fast.engine.arithmetic import negate, task_arithmetic
-    from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
-    from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
-    from sku_fast.unlearn.network import prepare_model
-    from sku_fast.unlearn.objective import objective_for
-    from sku_fast.unlearn.trainer import train
 
     config = config.resolve()
     model_path = resolve_model_path(config.model)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from sku_fast.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,7 +89,6 @@ def tokenize_pairs(
 def collate(rows: Sequence[TokenRow], pad_id: int) -> dict[str, Any]:
     """Right-padded `input_ids`, `attention_mask` and `labels` [B, T]; labels are the input
     ids on answer tokens and IGNORE_INDEX on prompt and padding (not yet shifted)."""
-    import torch
 
     length = max(len(row.input_ids) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -14,6 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
 from sku_fast.errors import TrainingError
 from sku_fast.unlearn.batches import BatchStream
 from sku_fast.unlearn.checkpointing import (
@@ -27,7 +31,6 @@ from sku_fast.unlearn.network import Model, compute_terms
 from sku_fast.unlearn.objective import Objective, combine
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
@@ -39,7 +42,6 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 
 def linear_schedule(optimizer: Any, steps: int, warmup: int) -> Any:
-    import torch
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -51,8 +53,6 @@ def linear_schedule(optimizer: Any, steps: int, warmup: int) -> Any:
 
 def _sync_gradients(model: Model, accelerator: Accelerator) -> None:
     """Average the gradients over processes (all ranks then take the same step)."""
-    import torch
-    import torch.distributed as dist
 
     grads = [p.grad for _, p in model.trainable if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -83,8 +83,6 @@ def train(
     first. `on_step(step, record)` is called after every step with the logged values.
     Raises TrainingError on a non-finite loss (naming the step and the term).
     """
-    import torch
-    from tqdm.auto import tqdm
 
     stream = BatchStream(
         tokenizer,
