@@ -1,4 +1,5 @@
-"""Launch configuration of the row kernels, chosen in one place (DESIGN §4 rule 4)."""
+"""Launch configuration of the row kernels, chosen in one place (docs/design.md §5,
+rule 3)."""
 
 
 def _next_power_of_2(n: int) -> int:

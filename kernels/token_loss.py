@@ -1,4 +1,4 @@
-"""Triton kernel for the fused token loss of DESIGN §3.2, one program per row:
+"""Triton kernel for the fused token loss of docs/design.md §3, one program per row:
 
     loss_r = a_r · CE(z, y) + b_r · KL(softmax(z') ‖ softmax(z))
     grad_r = a_r · (p − onehot(y)) + b_r · (p − p')

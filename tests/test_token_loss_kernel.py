@@ -1,7 +1,8 @@
 """Numerics of the row op behind token_loss, for both backends: the Triton kernel (run by the
 interpreter on CPU, see conftest.py; natively on CUDA) and the chunked PyTorch path.
 
-Every case is checked with the three-way tolerance of DESIGN §4 rule 7 against the fp64 oracle:
+Every case is checked with the three-way tolerance of docs/design.md §5 rule 6 against the
+fp64 oracle:
 |backend − fp64| ≤ |oracle in the input dtype − fp64| + atol + rtol·|fp64|, for the row losses
 and for the gradient under a random upstream gradient. Outputs are NaN-poisoned before each
 call, so an element the backend does not write fails.

@@ -1,4 +1,5 @@
-"""Fused token losses: per-row cross-entropy and KL preservation divergence (DESIGN §3.2).
+"""Fused token losses: per-row cross-entropy and the KL preservation divergence
+(docs/design.md §3).
 
 For row r with logits z, reference logits z' and label y:
 

@@ -3,7 +3,7 @@
 Same contract as the Triton launcher (`sku_fast.kernels.token_loss.token_loss_rows`) and the
 native CPU kernel: per-row losses, and the gradient written into a caller-given buffer. No more
 than one chunk of fp32 softmax is alive at a time. The KL uses the difference form of
-docs/design.md ("The KL difference form"), exact where p ≈ p'.
+docs/design.md §3.1, exact where p ≈ p'.
 """
 
 import torch
@@ -19,7 +19,8 @@ def _kl_parts(
     z: torch.Tensor, zr: torch.Tensor, p: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(p' ‖ p) per row [C] and its gradient p − p' [C, V] for fp32 logits z, zr [C, V],
-    p = softmax(z) and lse = logsumexp(z) [C, 1], in the difference form of DESIGN §3.2."""
+    p = softmax(z) and lse = logsumexp(z) [C, 1], in the difference form of docs/design.md
+    §3.1."""
     lse_r = torch.logsumexp(zr, dim=-1, keepdim=True)
     # d = z' − z; where both logits are −inf neither model has mass: d = 0 keeps it out
     d = torch.sub(zr, z).nan_to_num_(nan=0.0)
