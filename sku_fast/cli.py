@@ -1,6 +1,10 @@
 """The `sku-fast` command. Each subcommand lives in sku_fast/commands/ and is imported only
 when it runs (or when --help lists it), so `sku-fast negate` never imports torch."""
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from importlib import import_module
 
 import click
@@ -43,6 +47,26 @@ def missing_extra_message(command: str | None, error: ModuleNotFoundError) -> st
     )
 
 
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a killed job, a closed terminal) end a command the way Ctrl-C
+    does, so temporaries are removed and earlier outputs put back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    handled = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, interrupt) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class LazyGroup(click.Group):
     """A group that imports a subcommand's module on first use and turns our errors, and a
     missing optional dependency, into a one-line message with a non-zero exit instead of a
@@ -60,7 +84,8 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with signals_as_interrupts():
+                return super().invoke(ctx)
         except SkuFastError as error:
             raise click.ClickException(str(error)) from error
         except ModuleNotFoundError as error:

@@ -319,7 +319,7 @@ def test_atomic_write_failures_put_the_old_output_back(tmp_path, monkeypatch, fa
     real_rename, real_fsync = os.rename, output.fsync_path
 
     def rename(src, dst):
-        if failure == "rename_into_place" and Path(src).name.startswith(".out.tmp-"):
+        if failure == "rename_into_place" and Path(src).name.startswith(".out.sku-fast-tmp-"):
             raise OSError(18, "Invalid cross-device link")
         real_rename(src, dst)
 

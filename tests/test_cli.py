@@ -42,3 +42,43 @@ def test_runs_as_a_module_for_accelerate_launch():
     )
     assert result.returncode == 0, result.stderr
     assert __version__ in result.stdout
+
+
+# A command that holds a staged output open until it is killed.
+HOLD_AN_OUTPUT = """
+import sys, time
+from pathlib import Path
+import sku_fast.engine.arithmetic as arithmetic
+from sku_fast.cli import main
+from sku_fast.engine.output import write_atomically
+
+def slow_write(tmp):
+    (tmp / "part").write_text("half")
+    print("ready", flush=True)
+    time.sleep(60)
+
+arithmetic.task_arithmetic = lambda base, tuned, out, **kw: write_atomically(Path(out), slow_write)
+main(["negate", "base", "tuned", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_terminated_command_leaves_no_temporary(tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "deep" / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AN_OUTPUT, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "ready"
+    assert len(list(out.parent.iterdir())) == 1  # the temporary
+    child.send_signal(getattr(signal, signal_name))
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 1, stderr
+    assert "Aborted!" in stderr
+    assert list(tmp_path.iterdir()) == []  # no temporary, and "deep" made for it is gone
