@@ -10,7 +10,13 @@ triton before they are needed.
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from sku_fast.errors import CheckpointError, DataError, SkuFastError, TrainingError
+from sku_fast.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    SkuFastError,
+    TrainingError,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +36,7 @@ _LAZY_EXPORTS = {
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "SkuFastError",
     "TrainingError",

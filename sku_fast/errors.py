@@ -15,3 +15,8 @@ class DataError(SkuFastError):
 
 class TrainingError(SkuFastError):
     """Training cannot go on (bad model path, non-finite loss, inconsistent resume state)."""
+
+
+class ConfigError(SkuFastError):
+    """A setting is of the wrong type, not finite or out of range, or a settings file is
+    unreadable (names the field or file and the rule)."""

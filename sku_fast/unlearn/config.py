@@ -6,17 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union
 
-from sku_fast.errors import SkuFastError
+from sku_fast.errors import ConfigError
 
 METHODS = ("sku", "ga")
 LOSS_BACKENDS = ("fused-linear", "fused", "torch")
 # ε (guided distortion / harmful CE, random answers, preservation KL) per method
 DEFAULT_EPSILON = {"sku": (2.5, 2.5, 1.0), "ga": (0.5, 1.0, 1.0)}
 DEFAULT_LR = {"sku": 2e-4, "ga": 2e-6}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -76,36 +80,39 @@ class UnlearnConfig:
     overwrite: bool = False
 
     def resolve(self) -> UnlearnConfig:
-        """A copy with method defaults filled in and every value checked."""
+        """A copy with method defaults filled in and every value checked: its type, that it
+        is finite, and that it lies in a range that makes sense (the message says why)."""
         resolved = dataclasses.replace(self)
+        for item in dataclasses.fields(resolved):
+            value = getattr(resolved, item.name)
+            setattr(resolved, item.name, _checked_type(item.name, value, _FIELD_TYPES[item.name]))
         if resolved.method not in METHODS:
-            raise SkuFastError(f"method must be one of {METHODS}, got {resolved.method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {resolved.method!r}")
         if resolved.loss_backend not in LOSS_BACKENDS:
-            raise SkuFastError(
+            raise ConfigError(
                 f"loss_backend must be one of {LOSS_BACKENDS}, got {resolved.loss_backend!r}"
             )
+        if resolved.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {resolved.dtype!r}")
         if resolved.epsilon is None:
             resolved.epsilon = list(DEFAULT_EPSILON[resolved.method])
         if resolved.lr is None:
             resolved.lr = DEFAULT_LR[resolved.method]
         if len(resolved.epsilon) != 3:
-            raise SkuFastError(f"epsilon needs 3 weights, got {len(resolved.epsilon)}")
-        resolved.epsilon = [float(e) for e in resolved.epsilon]
-        for name in ("steps", "batch_size", "grad_accum", "k", "lora_r", "lora_alpha"):
-            if getattr(resolved, name) < 1:
-                raise SkuFastError(f"{name} must be at least 1, got {getattr(resolved, name)}")
-        for name in ("checkpoint_every", "warmup_steps", "log_every", "max_grad_norm"):
-            if getattr(resolved, name) < 0:
-                raise SkuFastError(f"{name} must be >= 0, got {getattr(resolved, name)}")
-        if resolved.max_length < 8:
-            raise SkuFastError(f"max_length must be at least 8 tokens, got {resolved.max_length}")
-        for name in ("lam", "lr"):
-            if not math.isfinite(getattr(resolved, name)):
-                raise SkuFastError(f"{name} must be finite, got {getattr(resolved, name)}")
-        if not resolved.lr > 0:
-            raise SkuFastError(f"lr must be positive, got {resolved.lr}")
+            raise ConfigError(f"epsilon needs 3 weights, got {len(resolved.epsilon)}")
+        if not resolved.lora_targets:
+            raise ConfigError("lora_targets must name at least one module, e.g. q_proj")
+        for name, low, high, why in _RANGES:
+            values = getattr(resolved, name)
+            for value in values if isinstance(values, list) else [values]:
+                if not (math.isfinite(value) and low(value) and high(value)):
+                    raise ConfigError(f"{name} must be {why}, got {value}")
+        if resolved.warmup_steps > resolved.steps:
+            raise ConfigError(
+                f"warmup_steps ({resolved.warmup_steps}) must not exceed steps ({resolved.steps})"
+            )
         if not (resolved.guided_distortion or resolved.random_disassociation):
-            raise SkuFastError(
+            raise ConfigError(
                 "switching off both guided_distortion and random_disassociation leaves no "
                 "harmful term to train on"
             )
@@ -119,12 +126,14 @@ class UnlearnConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> UnlearnConfig:
+        if not all(isinstance(key, str) for key in values):
+            raise ConfigError("config keys must be strings")
         known = {f.name for f in dataclasses.fields(cls)}
         aliases = {"lambda": "lam", "K": "k"}
         values = {aliases.get(key, key): value for key, value in values.items()}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SkuFastError(
+            raise ConfigError(
                 f"unknown config keys {', '.join(unknown)}; "
                 f"known keys are {', '.join(sorted(known))}"
             )
@@ -135,23 +144,102 @@ class UnlearnConfig:
         """Read a JSON (.json) or YAML (.yaml/.yml) mapping of field names to values."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise SkuFastError(f"config file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is over 1 MB; it is not a settings file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason})") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError as error:
-                raise SkuFastError(
+                raise ConfigError(
                     "reading a YAML config needs PyYAML (pip install pyyaml)"
                 ) from error
-            values = yaml.safe_load(text)
+            try:
+                values = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                where = getattr(error, "problem_mark", None)
+                line = f" at line {where.line + 1}" if where is not None else ""
+                problem = getattr(error, "problem", None) or "not valid YAML"
+                raise ConfigError(f"config file {path}: invalid YAML{line} ({problem})") from None
         else:
             try:
-                values = json.loads(text)
+                values = json.loads(text, parse_constant=_refuse_constant)
             except json.JSONDecodeError as error:
-                raise SkuFastError(f"config file {path}: invalid JSON ({error})") from error
+                raise ConfigError(f"config file {path}: invalid JSON ({error})") from error
+            except ValueError as error:
+                raise ConfigError(f"config file {path}: {error}") from None
         if not isinstance(values, dict):
-            raise SkuFastError(
+            raise ConfigError(
                 f"config file {path} must hold a mapping, not {type(values).__name__}"
             )
         return cls.from_dict(values)
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+_FIELD_TYPES = typing.get_type_hints(UnlearnConfig)
+
+# (field, lower check, upper check, the rule as the message states it)
+_RANGES: tuple[tuple[str, Callable[[float], bool], Callable[[float], bool], str], ...] = (
+    ("steps", lambda v: v >= 1, lambda v: v <= 10_000_000, "between 1 and 10,000,000"),
+    ("batch_size", lambda v: v >= 1, lambda v: v <= 4096, "between 1 and 4096"),
+    ("grad_accum", lambda v: v >= 1, lambda v: v <= 4096, "between 1 and 4096"),
+    ("k", lambda v: v >= 1, lambda v: v <= 64, "between 1 and 64 random answers"),
+    ("lora_r", lambda v: v >= 1, lambda v: v <= 65536, "a rank between 1 and 65536"),
+    ("lora_alpha", lambda v: v > 0, lambda v: v <= 1e6, "positive and at most 1e6"),
+    ("lora_dropout", lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+    ("lam", lambda v: v > 0, lambda v: v <= 100,
+     "in (0, 100]: it scales the subtracted task vector, and λ ≤ 0 would add the harm back"),
+    ("lr", lambda v: v > 0, lambda v: v <= 1,
+     "in (0, 1]: a larger learning rate diverges at the first step"),
+    ("weight_decay", lambda v: v >= 0, lambda v: v <= 10, "in [0, 10]"),
+    ("max_grad_norm", lambda v: v >= 0, lambda v: v <= 1e6, "in [0, 1e6] (0: no clipping)"),
+    ("epsilon", lambda v: abs(v) <= 1000, lambda v: True,
+     "finite with |ε| ≤ 1000 (the terms' weights)"),
+    ("warmup_steps", lambda v: v >= 0, lambda v: True, ">= 0"),
+    ("checkpoint_every", lambda v: v >= 0, lambda v: True, ">= 0 (0: no checkpoints)"),
+    ("log_every", lambda v: v >= 1, lambda v: True, ">= 1"),
+    ("max_length", lambda v: v >= 8, lambda v: v <= 1_000_000, "between 8 and 1,000,000 tokens"),
+    ("seed", lambda v: v >= 0, lambda v: v < 2**63, "between 0 and 2**63 - 1"),
+)  # fmt: skip
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid number in a settings file")
+
+
+def _checked_type(name: str, value: Any, expected: Any) -> Any:
+    """`value` as the field's type (ints accepted for floats), or SkuFastError naming the
+    field. Booleans are never numbers and strings are never booleans ("no" is an error)."""
+    options = typing.get_args(expected) if typing.get_origin(expected) in (Union, UnionType) else ()
+    if options:
+        if value is None and type(None) in options:
+            return None
+        expected = next(t for t in options if t is not type(None))
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_checked_type(name, v, item) for v in value]
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"no type check for {name}: {expected}")
