@@ -79,7 +79,7 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a non-empty --out.")
 @click.option("--samples/--no-samples", default=True, help="Print before/after generations.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (ours or the libraries').")
 def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **options) -> None:
     """Unlearn harmful knowledge: stage 1 trains θ_bad, stage 2 writes θ_o − λ·(θ_bad − θ_o).
 
@@ -90,6 +90,11 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     """
     from sku_fast.unlearn.config import UnlearnConfig
     from sku_fast.unlearn.pipeline import run_unlearn
+
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
     saved = Path(options["out"] or UnlearnConfig.out) / "config.json"
     if config_file is None and options["resume"] and saved.is_file():
@@ -105,7 +110,10 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
         given = {**DEMO_SETTINGS, **given}
     config = UnlearnConfig.from_dict({**config.to_dict(), **given})
     resolved = config.resolve()
-    out = run_unlearn(resolved, progress=not quiet)
+    # the settings file is an input too, unless it is the run's own (--resume)
+    own = config_file is not None and Path(config_file).resolve() == saved.resolve()
+    read = [config_file] if config_file is not None and not (resolved.resume and own) else []
+    out = run_unlearn(resolved, progress=not quiet, also_read=read)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     click.echo(f"stage 1: {resolved.steps} steps, last {_format(log[-1])}" if log else "")
     click.echo(f"unlearned model: {out / 'model'}")

@@ -17,19 +17,24 @@ gradient-ascent baseline writes model/ = θ_o + τ, the trained model itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from sku_fast.engine.adapter_negation import negate_lora
 from sku_fast.engine.arithmetic import negate, task_arithmetic
+from sku_fast.engine.output import StagedOutput, check_output, write_atomically
 from sku_fast.errors import TrainingError
+from sku_fast.unlearn.checkpointing import CHECKPOINTS, latest_checkpoint
 from sku_fast.unlearn.config import UnlearnConfig
 from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
 from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
@@ -43,6 +48,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from sku_fast.unlearn.trainer import StepCallback
 
 
+def _absolute(path: str | None) -> str | None:
+    """Paths are saved resolved, so the run folder can be repeated or resumed from anywhere."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def _has_safetensors(path: Path) -> bool:
     return path.is_dir() and (
         (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
@@ -53,7 +63,6 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
     """Write a model as model.safetensors + config + tokenizer (works for GGUF-loaded models,
     which refuse save_pretrained). Tied weights are stored once, as transformers expects."""
 
-    out.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, {}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
@@ -69,104 +78,190 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
     return out
 
 
-def _prepare_out(config: UnlearnConfig) -> Path:
-
-    out = Path(config.out).expanduser()
+def check_run_output(out: Path, inputs: Sequence[Path], *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that is, contains or lies inside
+    an input (model, data, settings file), an existing folder without --overwrite, and a
+    --resume without a checkpoint to continue from."""
+    check_output(out, inputs, overwrite=True)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"output {str(out)!r} exists and is not a directory")
-    if config.resume:
-        if not out.is_dir():
-            raise TrainingError(f"--resume: output folder {str(out)!r} does not exist")
-    elif out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
+    if resume:
+        if latest_checkpoint(out) is None:
             raise TrainingError(
-                f"output folder {str(out)!r} is not empty; pass --overwrite, --resume or "
-                "another --out"
+                f"--resume: {out / CHECKPOINTS} holds no checkpoint to continue from "
+                "(runs save them with --checkpoint-every N)"
             )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TrainingError(
+            f"output folder {str(out)!r} is not empty; pass --overwrite, --resume or another --out"
+        )
 
 
 def run_unlearn(
-    config: UnlearnConfig, progress: bool = True, *, on_step: StepCallback | None = None
+    config: UnlearnConfig,
+    progress: bool = True,
+    *,
+    on_step: StepCallback | None = None,
+    also_read: Sequence[str | Path] = (),
 ) -> Path:
     """Run stage 1 and (for SKU) stage 2 as `config` says; return the output folder.
 
     `<out>/model` loads with `from_pretrained`. Works under `accelerate launch`: every process
     trains, the main process writes the folder. `on_step(step, record)` is called after each
-    optimizer step (e.g. to stop early or watch the losses).
-    """
+    optimizer step (e.g. to stop early or watch the losses). `also_read`: other files the run
+    reads (its settings file), which the output must not touch either.
 
+    A new run is built beside `out` and appears there only when complete; an existing `out`
+    (with `overwrite`) is replaced only then, and kept if the run fails. A run that stops after
+    writing a checkpoint leaves `out` with it, for `resume`. With `resume` the run continues in
+    `out` itself, whose settings file is left as it is.
+    """
     config = config.resolve()
     model_path = resolve_model_path(config.model)
+    harmful_path = Path(config.harmful).expanduser() if config.harmful else None
+    normal_path = Path(config.normal).expanduser() if config.normal else None
+    out = Path(config.out).expanduser()
+    inputs = [model_path, *(p for p in (harmful_path, normal_path) if p), *map(Path, also_read)]
+    check_run_output(out, inputs, resume=config.resume, overwrite=config.overwrite)
     harmful = load_qa_pairs(
-        config.harmful or demo_data_path("harmful"),
+        harmful_path or demo_data_path("harmful"),
         config.harmful_prompt_column,
         config.harmful_answer_column,
     )
     normal = load_qa_pairs(
-        config.normal or demo_data_path("normal"),
+        normal_path or demo_data_path("normal"),
         config.normal_prompt_column,
         config.normal_answer_column,
     )
+    tokenizer = load_tokenizer(model_path)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    out = _prepare_out(config) if accelerator.is_main_process else Path(config.out).expanduser()
-    accelerator.wait_for_everyone()
-
-    tokenizer = load_tokenizer(model_path)
-    dtype = getattr(torch, config.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise TrainingError(f"dtype {config.dtype!r} is not a torch dtype (e.g. float32)")
-    model = load_model(model_path, dtype=dtype, device=str(accelerator.device))
-    if accelerator.is_main_process:
-        # saved as a fresh run: `--config <out>/config.json` repeats it from the start
-        dataclasses.replace(config, resume=False, overwrite=False).save(out / "config.json")
-        base = model_path
-        if not _has_safetensors(model_path):
-            base = out / "original"
-            if not _has_safetensors(base):  # written before training changes any weight
-                save_model_dir(model, tokenizer, base)
-
-    objective = objective_for(config)
-    trained = prepare_model(model, config)
-    train(
-        trained,
-        tokenizer,
-        harmful,
-        normal,
-        objective,
-        config,
-        out,
-        accelerator,
-        progress=progress,
-        on_step=on_step,
-    )
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    device = str(accelerator.device)
+    model = load_model(model_path, dtype=getattr(torch, config.dtype), device=device)
+    run = _Run(config, model_path, model, tokenizer, harmful, normal, accelerator)
+    if config.resume:
+        run.produce(out, progress, on_step)
         return out
-
-    stage1 = out / "stage1"
-    stage1.mkdir(exist_ok=True)
-    if config.lora:
-        tuned = stage1 / "adapter"
-        trained.network.save_pretrained(tuned)
-        if config.method == "sku":
-            negate_lora(tuned, out / "adapter-negated", config.lam, base=base, overwrite=True)
-    else:
-        tuned = save_model_dir(trained.network, tokenizer, stage1 / "model")
-    if config.method == "sku":
-        negate(base, tuned, out / "model", config.lam, overwrite=True, progress=None)
-    else:
-        task_arithmetic(base, [(tuned, 1.0)], out / "model", overwrite=True, progress=None)
-    summary = {
-        "method": config.method,
-        "model": str(model_path),
-        "harmful_samples": len(harmful),
-        "normal_samples": len(normal),
-        "steps": config.steps,
-        "trainable_parameters": sum(p.numel() for _, p in trained.trainable),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with contextlib.ExitStack() as cleanup:
+        stage = staging = None
+        if accelerator.is_main_process:
+            stage = StagedOutput(out)
+            staging = cleanup.enter_context(stage)
+        folder = _shared_path(accelerator, staging)
+        try:
+            run.produce(folder, progress, on_step)
+        except BaseException as error:
+            if stage is not None:
+                _keep_resumable(stage, folder, out, error)
+            raise
+        if stage is not None:
+            stage.commit()
+    accelerator.wait_for_everyone()
     return out
+
+
+def _shared_path(accelerator: Accelerator, staging: Path | None) -> Path:
+    """The main process made the staging folder; every process learns its path."""
+    paths = [str(staging) if staging is not None else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(paths)
+    return Path(paths[0])
+
+
+def _keep_resumable(stage: StagedOutput, folder: Path, out: Path, error: BaseException) -> None:
+    """A new run that stops after a checkpoint keeps its folder at `out`, so that `--resume`
+    continues it; a run that replaces an earlier output never does (the earlier one stays)."""
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None or out.exists():
+        return
+    stage.commit()
+    note = f"the run's checkpoints up to {checkpoint.name} are in {out}: continue with --resume"
+    if isinstance(error, TrainingError):
+        error.args = (f"{error}; {note}",)
+    else:
+        print(f"sku-fast: {note}", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One run's loaded inputs, and how they become a run folder."""
+
+    config: UnlearnConfig
+    model_path: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    harmful: list
+    normal: list
+    accelerator: Accelerator
+
+    def produce(self, folder: Path, progress: bool, on_step: StepCallback | None) -> None:
+        config, accelerator = self.config, self.accelerator
+        base = self.model_path
+        if accelerator.is_main_process:
+            if not config.resume:
+                # saved as a fresh run: `--config <out>/config.json` repeats it from the start
+                saved = dataclasses.replace(
+                    config,
+                    resume=False,
+                    overwrite=False,
+                    **{
+                        key: _absolute(getattr(config, key))
+                        for key in ("model", "harmful", "normal")
+                    },
+                )
+                saved.save(folder / "config.json")
+            if not _has_safetensors(self.model_path):
+                base = folder / "original"
+                if not _has_safetensors(base):  # written before training changes any weight
+                    write_atomically(
+                        base, lambda tmp: save_model_dir(self.model, self.tokenizer, tmp)
+                    )
+        accelerator.wait_for_everyone()
+        trained = prepare_model(self.model, config)
+        train(
+            trained,
+            self.tokenizer,
+            self.harmful,
+            self.normal,
+            objective_for(config),
+            config,
+            folder,
+            accelerator,
+            progress=progress,
+            on_step=on_step,
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._negate(folder, base, trained)
+
+    def _negate(self, folder: Path, base: Path, trained) -> None:
+        """Stage 2 (SKU) or the trained model itself (the baseline), each output atomic."""
+        config = self.config
+        stage1 = folder / "stage1"
+        stage1.mkdir(exist_ok=True)
+        if config.lora:
+            tuned = stage1 / "adapter"
+            write_atomically(tuned, trained.network.save_pretrained)
+            if config.method == "sku":
+                negate_lora(
+                    tuned, folder / "adapter-negated", config.lam, base=base, overwrite=True
+                )
+        else:
+            tuned = stage1 / "model"
+            write_atomically(
+                tuned, lambda tmp: save_model_dir(trained.network, self.tokenizer, tmp)
+            )
+        if config.method == "sku":
+            negate(base, tuned, folder / "model", config.lam, overwrite=True, progress=None)
+        else:
+            task_arithmetic(base, [(tuned, 1.0)], folder / "model", overwrite=True, progress=None)
+        summary = {
+            "method": config.method,
+            "model": str(self.model_path),
+            "harmful_samples": len(self.harmful),
+            "normal_samples": len(self.normal),
+            "steps": config.steps,
+            "trainable_parameters": sum(p.numel() for _, p in trained.trainable),
+        }
+        text = json.dumps(summary, indent=2) + "\n"
+        write_atomically(folder / "summary.json", lambda tmp: tmp.write_text(text), directory=False)
