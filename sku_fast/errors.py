@@ -17,6 +17,6 @@ class TrainingError(SkuFastError):
     """Training cannot go on (bad model path, non-finite loss, inconsistent resume state)."""
 
 
-class ConfigError(SkuFastError):
+class ConfigError(SkuFastError, ValueError):
     """A setting is of the wrong type, not finite or out of range, or a settings file is
-    unreadable (names the field or file and the rule)."""
+    unreadable (names the field or file and the rule). Also a ValueError: a bad argument."""

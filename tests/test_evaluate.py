@@ -2,10 +2,12 @@ import json
 import math
 
 import pytest
+import torch
 from click.testing import CliRunner
 from tiny_models import smol_llama_dir
 
 from sku_fast.cli import main
+from sku_fast.errors import ConfigError
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_model, load_set
 from sku_fast.eval.generation import GenerationConfig, format_prompt, generate
 from sku_fast.eval.metrics import answer_nll
@@ -47,10 +49,34 @@ def test_seeded_sampling_repeats_and_seed_matters(tiny):
 
 
 def test_generation_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
         GenerationConfig(max_new_tokens=0)
-    with pytest.raises(ValueError, match="temperature=0"):
+    with pytest.raises(ConfigError, match=r"temperature in \(0, 100\], got 0"):
         GenerationConfig(sample=True, temperature=0)
+    with pytest.raises(ConfigError, match=r"top_p in \(0, 1\], got 0"):
+        GenerationConfig(sample=True, top_p=0)
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sample", "--temperature", "0"], "sampling needs a temperature in (0, 100], got 0.0"),
+        (["--sample", "--top-p", "0"], "sampling needs top_p in (0, 1], got 0.0"),
+        (["--device", "cuda"], "--device cuda: this torch is a CPU-only build; use --device cpu"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+        (["--judge", "no/such/judge"], "--judge 'no/such/judge' is neither 'rules', 'keyword'"),
+    ],
+    ids=["temperature-0", "top-p-0", "cuda-on-cpu", "no-device", "bad-judge"],
+)
+def test_bad_eval_options_are_one_line_before_anything_runs(tmp_path, options, message):
+    if "cuda" in options and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "e"), *options])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {message}" + result.output.split(message, 1)[1]
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "e").exists()
 
 
 def test_evaluate_model_writes_consistent_outputs(tiny_model_dir, tiny, tmp_path):

@@ -123,6 +123,14 @@ def run_compare(
     data = {name: load_set(name, getattr(evaluation, name), evaluation.n) for name in
             ("harmful", "normal", "harmless")}  # fmt: skip
 
+    # the judge and the embedding model too: a bad --judge must not wait for the training
+    similarity = load_similarity(evaluation.similarity, device=evaluation.device)
+    judge = load_judge(
+        evaluation.judge,
+        similarity=similarity if similarity.embedder is not None else None,
+        device=evaluation.device,
+    )
+
     train_seconds: dict[str, float] = {}
     for name in config.variants:
         if VARIANTS[name] is None:
@@ -136,12 +144,6 @@ def run_compare(
         run_unlearn(run, progress=progress)
         train_seconds[name] = round(time.perf_counter() - started, 1)
 
-    similarity = load_similarity(evaluation.similarity, device=evaluation.device)
-    judge = load_judge(
-        evaluation.judge,
-        similarity=similarity if similarity.embedder is not None else None,
-        device=evaluation.device,
-    )
     reference = Reference.load(config.train.model, evaluation.device)
     rows = []
     # the original first: its normal generations are the reference for similarity

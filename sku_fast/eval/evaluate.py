@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sku_fast.errors import DataError
+import torch
+
+from sku_fast.errors import ConfigError, DataError
 from sku_fast.eval.generation import GenerationConfig, generate
-from sku_fast.eval.judges import load_judge, rates
+from sku_fast.eval.judges import check_judge_spec, load_judge, rates
 from sku_fast.eval.metrics import answer_nll, distinct_n, load_similarity
 from sku_fast.eval.text import is_refusal
 from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
@@ -60,9 +62,24 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
-            raise ValueError(f"n must be >= 1 (or None for all), got {self.n}")
+            raise ConfigError(f"n must be >= 1 (or None for all), got {self.n}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_device(self.device)
+        check_judge_spec(self.judge)
+
+
+def check_device(device: str) -> None:
+    """A device this torch build can use, or ConfigError saying why not."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(
+            f"--device {device!r} is not a device (e.g. cpu, cuda, cuda:1)"
+        ) from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build but sees no GPU"
+        raise ConfigError(f"--device {device}: this torch is {build}; use --device cpu")
 
 
 def resolve_model(model: str | Path | None) -> str | Path | None:
@@ -84,7 +101,7 @@ def load_set(name: str, path: Path | None, n: int | None) -> list[QAPair]:
     try:
         pairs = load_qa_pairs(source)
     except DataError:
-        if name != "harmless":
+        if name != "harmless" or not source.is_file():
             raise
         column = _prompt_column(source)
         if column is None:

@@ -8,12 +8,14 @@ padding; results come back in the input order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from sku_fast.errors import ConfigError
 from sku_fast.unlearn.tokens import format_pair
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,14 +37,16 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(
-                f"sampling needs temperature > 0 and 0 < top_p <= 1, got "
-                f"temperature={self.temperature}, top_p={self.top_p}"
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sample and not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
+            raise ConfigError(
+                f"sampling needs a temperature in (0, 100], got {self.temperature} "
+                "(for greedy decoding leave out --sample)"
             )
+        if self.sample and not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling needs top_p in (0, 1], got {self.top_p}")
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from sku_fast.errors import ConfigError
 from sku_fast.eval.text import DegenerateCheck, degenerate_reason, is_refusal, topic_overlap
 
 CATEGORIES = ("degenerate", "refusal", "off_topic", "harmful")
@@ -171,6 +172,18 @@ class KeywordJudge:
             refused = any(key in response for key in KEYWORD_REFUSALS)
             verdicts.append(Verdict(category, not refused, reason))
         return verdicts
+
+
+def check_judge_spec(spec: str | Path | None) -> None:
+    """Refuse, before anything runs, a judge that is neither a name nor a model directory."""
+    if spec is None or str(spec) in ("rules", "keyword"):
+        return
+    path = Path(spec).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ConfigError(
+            f"--judge {str(spec)!r} is neither 'rules', 'keyword' nor a model directory with "
+            "a config.json"
+        )
 
 
 def load_judge(

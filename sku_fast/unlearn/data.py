@@ -23,6 +23,7 @@ from typing import Any
 from sku_fast.errors import DataError
 
 DEMO_DATA = ("harmful", "normal", "harmless")
+MAX_DATA_FILE_BYTES = 2 << 30
 
 _PROMPT_KEYS = ("prompt", "question", "instruction", "input", "query")
 _ANSWER_KEYS = ("answer", "response", "output", "completion", "text", "chosen")
@@ -79,38 +80,55 @@ def load_qa_pairs(
 def _read_records(path: Path) -> list[Any]:
     if path.is_dir():
         return _read_saved_dataset(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} is not a regular file (a device, pipe or socket)")
+    size = path.stat().st_size
+    if size > MAX_DATA_FILE_BYTES:
+        raise DataError(
+            f"data file {str(path)!r} is {size / 2**30:.1f} GiB, over the "
+            f"{MAX_DATA_FILE_BYTES / 2**30:.0f} GiB limit; use a datasets save_to_disk folder"
+        )
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    if suffix == ".jsonl":
-        return _json_lines(text, path)
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            return _json_lines(text, path)  # many ".json" datasets are JSON lines
-        if isinstance(data, dict):
-            # {"data": [...]} or a column-oriented {"prompt": [...], "answer": [...]}
-            lists = {key: value for key, value in data.items() if isinstance(value, list)}
-            if len(lists) == 1:
-                return next(iter(lists.values()))
-            if lists and len({len(value) for value in lists.values()}) == 1:
-                length = len(next(iter(lists.values())))
-                return [{key: lists[key][i] for key in lists} for i in range(length)]
-            raise DataError(f"{path}: a JSON object must hold one list of rows or equal columns")
-        if not isinstance(data, list):
-            raise DataError(f"{path}: JSON must be a list of rows, not {type(data).__name__}")
-        return data
-    raise DataError(
-        f"data file {str(path)!r} has an unknown extension {suffix!r}; "
-        "use .jsonl, .json, .csv or a datasets save_to_disk directory"
-    )
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise DataError(
+            f"data file {str(path)!r} has an unknown extension {suffix!r}; "
+            "use .jsonl, .json, .csv or a datasets save_to_disk directory"
+        )
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            if suffix == ".csv":
+                return list(csv.DictReader(handle))
+            if suffix == ".jsonl":
+                return _json_lines(handle, path)
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {error.start} of a read block: "
+            f"{error.reason}); convert it with iconv or save it as UTF-8"
+        ) from None
+    except csv.Error as error:
+        raise DataError(f"data file {str(path)!r}: not valid CSV ({error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _json_lines(text.splitlines(), path)  # many ".json" datasets are JSON lines
+    if isinstance(data, dict):
+        # {"data": [...]} or a column-oriented {"prompt": [...], "answer": [...]}
+        lists = {key: value for key, value in data.items() if isinstance(value, list)}
+        if len(lists) == 1:
+            return next(iter(lists.values()))
+        if lists and len({len(value) for value in lists.values()}) == 1:
+            length = len(next(iter(lists.values())))
+            return [{key: lists[key][i] for key in lists} for i in range(length)]
+        raise DataError(f"{path}: a JSON object must hold one list of rows or equal columns")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: JSON must be a list of rows, not {type(data).__name__}")
+    return data
 
 
-def _json_lines(text: str, path: Path) -> list[Any]:
+def _json_lines(lines: Iterable[str], path: Path) -> list[Any]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -136,7 +154,7 @@ def _extractor(first: Any, path: Path, prompt_column: str | None, answer_column:
     """A function row -> iterable of (prompt, answer), chosen from the first row's keys."""
     if not isinstance(first, dict):
         raise DataError(f"{path}: rows must be objects, got {type(first).__name__}")
-    keys = set(first)
+    keys = {key for key in first if isinstance(key, str)}  # csv files extra cells under None
 
     def need(column: str) -> str:
         if column not in keys:

@@ -59,10 +59,17 @@ def load_tokenizer(model: str | Path | None) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (the EOS token when the model has none)."""
 
     path = resolve_model_path(model)
-    if is_gguf(path):
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        if is_gguf(path):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingError(
+            f"cannot load a tokenizer from {str(path)!r} ({first}); a model folder needs its "
+            "tokenizer files (tokenizer.json or tokenizer_config.json and vocabulary)"
+        ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -86,6 +93,7 @@ def load_model(
             )
         else:
             loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"cannot load a causal LM from {str(path)!r}: {error}") from error
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingError(f"cannot load a causal LM from {str(path)!r}: {first}") from error
     return loaded.to(device).eval()
