@@ -132,7 +132,13 @@ def train(
                         "or check the data"
                     )
                 totals[name] = totals.get(name, 0.0) + value.detach() / accum
-            (combine(values, objective) / accum).backward()
+            loss = combine(values, objective)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"step {step + 1}: the weighted loss is {loss.item()} although every term "
+                    "is finite; check the term weights (epsilon)"
+                )
+            (loss / accum).backward()
         if world > 1:
             _sync_gradients(model, accelerator)
         if config.max_grad_norm > 0:
