@@ -30,6 +30,7 @@ _LAZY_EXPORTS = {
     "kl_div": "sku_fast.ops",
     "TokenLoss": "sku_fast.ops",
     "fused_linear_token_loss": "sku_fast.ops",
+    "FusedLinearTokenLoss": "sku_fast.ops",
     "UnlearnConfig": "sku_fast.unlearn.config",
     "run_unlearn": "sku_fast.unlearn.pipeline",
 }
@@ -47,6 +48,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from sku_fast.engine import negate, negate_lora, task_arithmetic  # noqa: F401
     from sku_fast.ops import (  # noqa: F401
+        FusedLinearTokenLoss,
         TokenLoss,
         cross_entropy,
         fused_linear_token_loss,

@@ -1,20 +1,14 @@
 """Public token-loss API: autograd against the fp64 oracle (three-way tolerance, random
 upstream gradient), reductions and the counting rule, the in-place mode's safety,
-torch.compile, the wrappers, and fused_linear_token_loss. Backend "triton" runs in the
-interpreter on CPU (conftest.py)."""
+torch.compile and the wrappers. Backend "triton" runs in the interpreter on CPU
+(conftest.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles.token_loss import fused_linear_token_loss_naive, token_loss_naive
+from oracles.token_loss import token_loss_naive
 
-from sku_fast.ops import (
-    TokenLoss,
-    cross_entropy,
-    fused_linear_token_loss,
-    kl_div,
-    token_loss,
-)
+from sku_fast.ops import TokenLoss, cross_entropy, kl_div, token_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -193,58 +187,3 @@ def test_inplace_needs_a_flat_view():
         token_loss(z, torch.zeros(2, 5, dtype=torch.long), inplace=True)
     # the copying mode accepts it
     token_loss(z, torch.zeros(2, 5, dtype=torch.long))
-
-
-def _linear_batch(n=13, h=24, v=157, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g)
-    ref_hidden = hidden + 0.3 * torch.randn(n, h, generator=g)
-    weight = torch.randn(v, h, generator=g) / h**0.5
-    ref_weight = weight + 0.05 * torch.randn(v, h, generator=g)
-    bias = torch.randn(v, generator=g) * 0.1
-    y = torch.randint(0, v, (n,), generator=g)
-    y[::3] = IGNORE
-    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    return hidden, weight, bias, ref_hidden, ref_weight, y, a, b
-
-
-def _linear_grads(fn, dtype, hidden, weight, bias, y, ref_hidden, ref_weight, upstream, **kw):
-    params = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)]
-    out = fn(
-        params[0], params[1], y, ref_hidden.to(dtype), ref_weight.to(dtype), bias=params[2], **kw
-    )
-    grads = torch.autograd.grad(out, params, upstream.to(dtype))
-    return [out.detach(), *grads]
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_linear_three_way(backend, reduction):
-    hidden, weight, bias, ref_hidden, ref_weight, y, a, b = _linear_batch()
-    upstream = _upstream(reduction, y.shape)
-    kw = {"ce_weight": a, "kl_weight": b, "reduction": reduction}
-    args = (hidden, weight, bias, y, ref_hidden, ref_weight, upstream)
-    truth = _linear_grads(fused_linear_token_loss_naive, torch.float64, *args, **kw)
-    same = _linear_grads(fused_linear_token_loss_naive, torch.float32, *args, **kw)
-    got = _linear_grads(
-        fused_linear_token_loss, torch.float32, *args, chunk_rows=5, backend=backend, **kw
-    )
-    for name, g, t, s in zip(("loss", "hidden", "weight", "bias"), got, truth, same, strict=True):
-        _three_way(g, t, s, 1e-6, 1e-5, name)
-
-
-def test_fused_linear_reference_defaults_to_the_trained_head():
-    hidden, weight, bias, ref_hidden, _, y, a, b = _linear_batch()
-    got = fused_linear_token_loss(hidden, weight, y, ref_hidden, bias=bias, kl_weight=b)
-    expected = token_loss(
-        F.linear(hidden, weight, bias), y, F.linear(ref_hidden, weight, bias), kl_weight=b
-    )
-    torch.testing.assert_close(got, expected)
-
-
-def test_fused_linear_bad_weight_shape():
-    hidden, weight, _, _, _, y, _, _ = _linear_batch()
-    with pytest.raises(
-        ValueError, match=r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 24"
-    ):
-        fused_linear_token_loss(hidden, weight[:, :20], y)

@@ -1,103 +1,63 @@
 """The fused-linear token loss: ``token_loss(hidden @ weight.T + bias, labels, ...)`` without
-ever holding the N × V logits. Rows are processed in chunks; each chunk's logits become its
-gradient in place, which then flows to the hidden states and the output layer."""
-
-from dataclasses import replace
+ever holding the N × V logits. The output layer gets a gradient only when it requires one
+(full fine-tuning; with LoRA it is frozen and no [V, H] buffer is made), and then one chunk of
+the vocabulary at a time (sku_fast.ops.linear_passes)."""
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+from sku_fast.ops.linear_passes import Head, rows_pass, vocab_pass
 from sku_fast.ops.rows import (
-    CPU_CHUNK_ELEMENTS,
     LINEAR_MIN_CHUNK,
+    REDUCTIONS,
     TokenLossOptions,
     check_common,
     reduced_weights,
     resolve_backend,
-    row_losses,
 )
-
-
-def _linear_pass(opts, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, a, b):
-    """One pass over row chunks of hidden [N, H]: per-row losses [N] and, when
-    opts.needs_grad, grad_hidden [N, H], grad_weight [V, H] fp32 and grad_bias [V] fp32.
-    Only a chunk of logits [C, V] (and its reference) is alive at a time; the gradient of the
-    chunk overwrites its logits."""
-    n = hidden.shape[0]
-    rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_h = grad_w = grad_b = None
-    if opts.needs_grad:
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        if bias is not None:
-            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-    v = weight.shape[0]
-    inner = replace(opts, inplace=True, chunk_rows=max(1, CPU_CHUNK_ELEMENTS // v))
-    for start in range(0, n, opts.chunk_rows):
-        stop = min(start + opts.chunk_rows, n)
-        h = hidden[start:stop]  # [C, H]
-        z = F.linear(h, weight, bias)  # [C, V]
-        zr = None
-        if ref_hidden is not None:
-            zr = F.linear(ref_hidden[start:stop], ref_weight, ref_bias)
-        g = z if opts.needs_grad else None
-        rows[start:stop] = row_losses(
-            inner, z, labels[start:stop], zr, a[start:stop], b[start:stop], g
-        )
-        if g is None:
-            continue
-        grad_h[start:stop] = g @ weight
-        # fp32 accumulation across chunks; within a chunk the matmul accumulates in fp32 too
-        if g.dtype == torch.float32:
-            grad_w.addmm_(g.t(), h)
-        else:
-            grad_w.add_(g.t() @ h)  # cast on the fly: no fp32 [V, H] temporary
-        if grad_b is not None:
-            grad_b += g.float().sum(0)
-    return rows, grad_h, grad_w, grad_b
 
 
 class _FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, a, b, opts):
-        per_row = opts.reduction == "none"
-        ctx.per_row = per_row
-        ctx.opts = opts
-        if per_row:
-            # Σ_r g_r·h_rᵀ cannot be rescaled per row afterwards: backward recomputes the pass
-            # with the upstream gradient folded into the row weights.
-            rows, *_ = _linear_pass(
-                replace(opts, needs_grad=False), hidden, weight, bias, labels, ref_hidden,
-                ref_weight, ref_bias, a, b,
-            )  # fmt: skip
+        head = Head(weight, bias, ref_hidden, ref_weight, ref_bias)
+        # which inputs need a gradient (a frozen output layer, as with LoRA, gets none)
+        needs = tuple(
+            opts.needs_grad and t is not None and t.requires_grad for t in (hidden, weight, bias)
+        )
+        ctx.per_row, ctx.opts, ctx.needs = opts.reduction == "none", opts, needs
+        if ctx.per_row or not any(needs):
+            # Σ_r g_r·h_rᵀ cannot be rescaled per row afterwards: backward recomputes the
+            # pass with the upstream gradient folded into the row weights.
+            rows, _ = rows_pass(opts, hidden, head, labels, a, b, grad_hidden=False)
             ctx.save_for_backward(
                 hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, a, b
             )
-            return rows
-        rows, grad_h, grad_w, grad_b = _linear_pass(
-            opts, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, a, b
-        )
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+            return rows if ctx.per_row else rows.sum()
+        rows, grads = _pass(opts, hidden, head, labels, a, b, needs)
+        ctx.save_for_backward(*grads)
         return rows.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.per_row:
+        if ctx.per_row or not any(ctx.needs):
             hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, a, b = ctx.saved_tensors
-            _, grad_h, grad_w, grad_b = _linear_pass(
-                replace(ctx.opts, needs_grad=True), hidden, weight, bias, labels, ref_hidden,
-                ref_weight, ref_bias, a * grad_output, b * grad_output,
-            )  # fmt: skip
-            grad_w = grad_w.to(weight.dtype)
-            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+            head = Head(weight, bias, ref_hidden, ref_weight, ref_bias)
+            scale = grad_output if ctx.per_row else grad_output.expand_as(a)
+            _, grads = _pass(ctx.opts, hidden, head, labels, a * scale, b * scale, ctx.needs)
         else:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            grad_h, grad_w = grad_h.mul_(grad_output), grad_w.mul_(grad_output)
-            grad_b = None if grad_b is None else grad_b.mul_(grad_output)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+            grads = tuple(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _pass(opts, hidden, head: Head, labels, a, b, needs):
+    """Losses and the gradients `needs` asks for, by the cheapest pass that gives them."""
+    need_h, need_w, need_b = needs
+    if need_w or need_b:
+        rows, grad_h, grad_w, grad_b = vocab_pass(opts, hidden, head, labels, a, b, needs)
+        return rows, (grad_h, grad_w, grad_b)
+    rows, grad_h = rows_pass(opts, hidden, head, labels, a, b, grad_hidden=need_h)
+    return rows, (grad_h, None, None)
 
 
 def fused_linear_token_loss(
@@ -117,18 +77,20 @@ def fused_linear_token_loss(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``token_loss(hidden @ weight.T + bias, labels, ref_hidden @ ref_weight.T + ref_bias)``
-    without ever holding the N × V logits: rows are processed in chunks.
+    without ever holding the N × V logits.
 
     Args:
         hidden: [..., H] hidden states of the trained model (gets a gradient).
-        weight: [V, H] output layer (gets a gradient, accumulated in fp32 across chunks).
+        weight: [V, H] output layer. It gets a gradient only if it requires one, computed one
+            chunk of the vocabulary at a time (fp32 inside the chunk, stored in its dtype).
         labels: [...] as in ``token_loss``.
         ref_hidden: [..., H] hidden states of the frozen reference model (detached).
         ref_weight: [V, H] reference output layer (detached); defaults to ``weight`` (LoRA
             models share it). ref_bias likewise defaults to ``bias`` when ref_weight is None.
-        bias: [V] optional output bias (gets a gradient).
-        chunk_rows: rows per chunk; default makes a chunk of logits about the size of hidden,
-            and at least 4M logits (each chunk reads and writes the fp32 weight gradient).
+        bias: [V] optional output bias (a gradient if it requires one).
+        chunk_rows: rows per chunk when the output layer is frozen; default makes a chunk of
+            logits about the size of hidden, and at least 4M logits (each chunk reads the
+            whole output layer).
         Other arguments as in ``token_loss``.
 
     Returns:
@@ -174,3 +136,60 @@ def fused_linear_token_loss(
     )
     out = _FusedLinearFunction.apply(h2, weight, bias, y, rh, rw, rb, a, b, opts)
     return out.view(labels.shape) if reduction == "none" else out
+
+
+class FusedLinearTokenLoss(nn.Module):
+    """Module form of ``fused_linear_token_loss``; weights given at call time override the
+    defaults. Call it with the hidden states and the output layer's weight (and bias)."""
+
+    def __init__(
+        self,
+        ce_weight: float = 1.0,
+        kl_weight: float = 0.0,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_rows: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.ce_weight, self.kl_weight = ce_weight, kl_weight
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.chunk_rows, self.backend = chunk_rows, backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        ce_weight: float | torch.Tensor | None = None,
+        kl_weight: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_token_loss(
+            hidden,
+            weight,
+            labels,
+            ref_hidden,
+            ref_weight,
+            ce_weight=self.ce_weight if ce_weight is None else ce_weight,
+            kl_weight=self.kl_weight if kl_weight is None else kl_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            bias=bias,
+            ref_bias=ref_bias,
+            chunk_rows=self.chunk_rows,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
