@@ -74,8 +74,10 @@ def random_answers(
 
 
 class BatchStream:
-    """Micro-batch g as token rows: B harmful samples (a "gd" row each and K "rd" rows with
-    random answers) and B normal samples ("pd" rows), all chosen from (seed, g) alone."""
+    """Micro-batch g as token rows: B harmful samples (a "gd" row each, K "rd" rows with
+    random answers and, where the sample has a safe answer, an "sp" row with it) and B normal
+    samples ("pd" rows), all chosen from (seed, g) alone. `safe[i]` is the safe answer of
+    harmful sample i, or None."""
 
     def __init__(
         self,
@@ -87,7 +89,11 @@ class BatchStream:
         batch_size: int,
         max_length: int,
         seed: int,
+        safe: Sequence[str | None] | None = None,
     ) -> None:
+        if objective.active("sp") and (safe is None or len(safe) != len(harmful)):
+            raise ValueError("the safe-answer term needs one safe answer (or None) per sample")
+        self.safe = safe
         self.tokenizer, self.harmful, self.normal = tokenizer, harmful, normal
         self.objective, self.batch_size, self.max_length = objective, batch_size, max_length
         self.seed = seed
@@ -105,9 +111,13 @@ class BatchStream:
         key = (source, prompt, answer)
         if key not in self._cache:
             prompts = self.normal if source == "normal" else self.harmful
-            answers = self.normal if source in ("normal", "harmful-normal") else self.harmful
+            if source == "safe":
+                text = self.safe[answer]
+            else:
+                answers = self.normal if source in ("normal", "harmful-normal") else self.harmful
+                text = answers[answer].answer
             self._cache[key] = tokenize_pair(
-                self.tokenizer, prompts[prompt].prompt, answers[answer].answer, self.max_length
+                self.tokenizer, prompts[prompt].prompt, text, self.max_length
             )
         return self._cache[key]
 
@@ -133,6 +143,10 @@ class BatchStream:
         if self.objective.active("pd"):
             rows += [self._row("normal", i, i) for i in self.normal_order.take(index * b, b)]
             terms += [TERM_IDS["pd"]] * b
+        if self.objective.active("sp"):
+            with_safe = [i for i in harmful if self.safe[i] is not None]
+            rows += [self._row("safe", i, i) for i in with_safe]
+            terms += [TERM_IDS["sp"]] * len(with_safe)
         batch = collate(rows, self.pad_id)
         batch["term"] = torch.tensor(terms, dtype=torch.long)
         return batch

@@ -20,6 +20,8 @@ LOSS_BACKENDS = ("fused-linear", "fused", "torch")
 # ε (guided distortion / harmful CE, random answers, preservation KL) per method
 DEFAULT_EPSILON = {"sku": (2.5, 2.5, 1.0), "ga": (0.5, 1.0, 1.0)}
 DEFAULT_LR = {"sku": 2e-4, "ga": 2e-6}
+PRESERVATIONS = ("diverge", "keep")
+DEFAULT_PRESERVATION = {"sku": "diverge", "ga": "keep"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -37,6 +39,13 @@ class UnlearnConfig:
     k: random answers per harmful prompt (random disassociation).
     epsilon: weights of the three terms; None = (2.5, 2.5, 1) for sku, (0.5, 1, 1) for ga.
     guided_distortion / random_disassociation / preservation_divergence: ablation switches.
+    preservation: SKU's KL term on normal data: "diverge" (−ε3·KL, the paper's: θ_bad moves
+        away from θ_o) or "keep" (+ε3·KL: θ_bad stays close, so τ holds less normal
+        knowledge); None = the method's default. The baseline always keeps.
+    kl_cap: κ, the per-token cap of a diverging KL (no gradient beyond it): the guard against
+        the runaway of −KL, which is unbounded below; None = uncapped.
+    safe_weight: ε4, a KL kept small on the safe answers of the harmful prompts (needs harmful
+        data with safe answers: BeaverTails or PKU-SafeRLHF layouts); 0 = off.
     loss_backend: "fused-linear" (never materialises logits), "fused" (fused op on logits) or
         "torch" (softmax and log of both models in PyTorch, as the published code does).
     checkpoint_every: save a resumable checkpoint every N steps (0: never); resume: continue
@@ -72,6 +81,9 @@ class UnlearnConfig:
     guided_distortion: bool = True
     random_disassociation: bool = True
     preservation_divergence: bool = True
+    preservation: str | None = None
+    kl_cap: float | None = None
+    safe_weight: float = 0.0
     loss_backend: str = "fused-linear"
     checkpoint_every: int = 0
     resume: bool = False
@@ -96,6 +108,16 @@ class UnlearnConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {resolved.dtype!r}")
         if resolved.epsilon is None:
             resolved.epsilon = list(DEFAULT_EPSILON[resolved.method])
+        if resolved.preservation is None:
+            resolved.preservation = DEFAULT_PRESERVATION[resolved.method]
+        if resolved.preservation not in PRESERVATIONS:
+            raise ConfigError(
+                f"preservation must be one of {PRESERVATIONS}, got {resolved.preservation!r}"
+            )
+        if resolved.method == "ga" and resolved.preservation != "keep":
+            raise ConfigError("the gradient-ascent baseline keeps θ close on normal data")
+        if resolved.kl_cap is not None and not 0 < resolved.kl_cap <= 1000:
+            raise ConfigError(f"kl_cap must be in (0, 1000] nats per token, got {resolved.kl_cap}")
         if resolved.lr is None:
             resolved.lr = DEFAULT_LR[resolved.method]
         if len(resolved.epsilon) != 3:
@@ -200,6 +222,7 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], Callable[[float], bool], str]
     ("epsilon", lambda v: abs(v) <= 1000, lambda v: True,
      "finite with |ε| ≤ 1000 (the terms' weights)"),
     ("warmup_steps", lambda v: v >= 0, lambda v: True, ">= 0"),
+    ("safe_weight", lambda v: v >= 0, lambda v: v <= 1000, "in [0, 1000] (0: off)"),
     ("checkpoint_every", lambda v: v >= 0, lambda v: True, ">= 0 (0: no checkpoints)"),
     ("log_every", lambda v: v >= 1, lambda v: True, ">= 1"),
     ("max_length", lambda v: v >= 8, lambda v: v <= 1_000_000, "between 8 and 1,000,000 tokens"),

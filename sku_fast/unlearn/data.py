@@ -39,6 +39,16 @@ class QAPair:
     answer: str
 
 
+@dataclass(frozen=True)
+class ContrastPair:
+    """A harmful prompt with an unsafe (compliant) answer and a safe one (a refusal or a
+    harmless redirection), as BeaverTails and PKU-SafeRLHF provide them."""
+
+    prompt: str
+    unsafe: str
+    safe: str
+
+
 def demo_data_path(name: str) -> Path:
     """The packaged demo set `name` ("harmful", "normal" or "harmless"), a JSONL file."""
     if name not in DEMO_DATA:
@@ -75,6 +85,29 @@ def load_qa_pairs(
             "pair (all empty, or no unsafe response in a PKU-SafeRLHF layout)"
         )
     return pairs
+
+
+def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
+    """(prompt, unsafe, safe) triples of a harmful data set that has both kinds of answer:
+    `prompt`/`unsafe`/`safe` columns (BeaverTails-style) or PKU-SafeRLHF rows with one safe
+    and one unsafe response. Other layouts give an empty list (the set has no safe answers)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    records = _read_records(path)
+    triples = []
+    for record in records:
+        if not isinstance(record, dict):
+            return []
+        prompt, unsafe, safe = record.get("prompt"), record.get("unsafe"), record.get("safe")
+        if unsafe is None and {"response_0", "response_1"} <= record.keys():
+            flags = [_is_true(record.get(f"is_response_{i}_safe")) for i in (0, 1)]
+            if flags[0] != flags[1]:
+                safe = record[f"response_{flags.index(True)}"]
+                unsafe = record[f"response_{flags.index(False)}"]
+        if all(isinstance(t, str) and t.strip() for t in (prompt, unsafe, safe)):
+            triples.append(ContrastPair(prompt.strip(), unsafe.strip(), safe.strip()))
+    return triples
 
 
 def _read_records(path: Path) -> list[Any]:

@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 from sku_fast.engine.adapter_negation import negate_lora
 from sku_fast.engine.arithmetic import negate, task_arithmetic
 from sku_fast.engine.output import StagedOutput, check_output, write_atomically
-from sku_fast.errors import TrainingError
+from sku_fast.errors import DataError, TrainingError
 from sku_fast.unlearn.checkpointing import CHECKPOINTS, latest_checkpoint
 from sku_fast.unlearn.config import UnlearnConfig
-from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
+from sku_fast.unlearn.data import QAPair, demo_data_path, load_contrast_pairs, load_qa_pairs
 from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
 from sku_fast.unlearn.network import prepare_model
 from sku_fast.unlearn.objective import objective_for
@@ -133,12 +133,15 @@ def run_unlearn(
         config.normal_prompt_column,
         config.normal_answer_column,
     )
+    safe = None
+    if config.safe_weight > 0:
+        safe = safe_answers(harmful, harmful_path or demo_data_path("harmful"))
     tokenizer = load_tokenizer(model_path)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     device = str(accelerator.device)
     model = load_model(model_path, dtype=getattr(torch, config.dtype), device=device)
-    run = _Run(config, model_path, model, tokenizer, harmful, normal, accelerator)
+    run = _Run(config, model_path, model, tokenizer, harmful, normal, safe, accelerator)
     if config.resume:
         run.produce(out, progress, on_step)
         return out
@@ -158,6 +161,17 @@ def run_unlearn(
             stage.commit()
     accelerator.wait_for_everyone()
     return out
+
+
+def safe_answers(harmful: Sequence[QAPair], path: Path) -> list[str | None]:
+    """The safe answer of each harmful sample (by prompt), for the safe-answer term."""
+    by_prompt = {pair.prompt: pair.safe for pair in load_contrast_pairs(path)}
+    if not by_prompt:
+        raise DataError(
+            f"{path}: safe_weight needs harmful data with safe answers as well (columns "
+            "prompt/unsafe/safe, or PKU-SafeRLHF's response_0/1 with is_response_0/1_safe)"
+        )
+    return [by_prompt.get(pair.prompt) for pair in harmful]
 
 
 def _shared_path(accelerator: Accelerator, staging: Path | None) -> Path:
@@ -192,6 +206,7 @@ class _Run:
     tokenizer: PreTrainedTokenizerBase
     harmful: list
     normal: list
+    safe: list | None
     accelerator: Accelerator
 
     def produce(self, folder: Path, progress: bool, on_step: StepCallback | None) -> None:
@@ -229,6 +244,7 @@ class _Run:
             accelerator,
             progress=progress,
             on_step=on_step,
+            safe=self.safe,
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

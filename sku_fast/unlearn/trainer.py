@@ -76,11 +76,13 @@ def train(
     *,
     progress: bool = True,
     on_step: StepCallback | None = None,
+    safe: Sequence[str | None] | None = None,
 ) -> Model:
     """Run stage 1 for `config.steps` optimizer steps, logging each to `out/log.jsonl`.
 
     `config` must be resolved. With `config.resume` the newest checkpoint in `out` is loaded
     first. `on_step(step, record)` is called after every step with the logged values.
+    `safe[i]`: the safe answer of harmful sample i (or None), for the "sp" term.
     Raises TrainingError on a non-finite loss (naming the step and the term).
     """
 
@@ -92,6 +94,7 @@ def train(
         batch_size=config.batch_size,
         max_length=config.max_length,
         seed=config.seed,
+        safe=safe,
     )
     parameters = [p for _, p in model.trainable]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
