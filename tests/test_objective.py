@@ -141,3 +141,53 @@ def test_switched_off_terms_are_not_computed(setting):
     values = compute_terms(model, batch, only_gd, "fused-linear")
     assert set(values) == {"gd"}
     assert combine(values, only_gd).item() == pytest.approx(values["gd"].item())
+
+
+@pytest.mark.parametrize("backend", ["fused-linear", "fused", "torch"])
+def test_the_kl_cap_stops_the_gradient_of_tokens_beyond_it(setting, backend):
+    """A diverging pd term with cap κ is Σ w·min(KL, κ): tokens whose KL exceeds κ give no
+    gradient. With κ below every token's KL the term is constant (no gradient at all); with κ
+    above all of them it equals the uncapped term."""
+    model, _, batch = setting
+    uncapped = Objective(gd=0.0, rd=1.0, pd=-1.0)
+    reference = compute_terms(model, batch, uncapped, backend)["pd"].item()
+    high = Objective(gd=0.0, rd=1.0, pd=-1.0, kl_cap=1e3)
+    assert compute_terms(model, batch, high, backend)["pd"].item() == pytest.approx(reference)
+
+    low = Objective(gd=0.0, rd=1.0, pd=-1.0, kl_cap=1e-12)
+    for _, parameter in model.trainable:
+        parameter.grad = None
+    values = compute_terms(model, batch, low, backend)
+    assert values["pd"].item() == pytest.approx(1e-12, rel=1e-3)  # weights sum to one
+    values["pd"].backward()
+    assert all(p.grad is None or not p.grad.any() for _, p in model.trainable)
+
+
+def test_the_cap_applies_to_a_diverging_term_only():
+    assert Objective(gd=1, rd=1, pd=-1, kl_cap=0.1).cap("pd") == 0.1
+    assert Objective(gd=1, rd=1, pd=1, kl_cap=0.1).cap("pd") is None  # a kept KL is bounded
+    assert Objective(gd=1, rd=1, pd=-1, sp=1, kl_cap=0.1).cap("sp") is None
+
+
+def test_safe_answer_rows_follow_the_harmful_samples(tmp_path_factory):
+    """ "sp" rows pair each harmful prompt of the micro-batch with its own safe answer, where
+    it has one; the term is a mean KL over their answer tokens."""
+    from sku_fast.unlearn.data import QAPair
+    from sku_fast.unlearn.models import load_tokenizer
+
+    path = tiny_model_dir(tmp_path_factory.mktemp("sp") / "m")
+    harmful = [QAPair(f"bad question {i}?", f"bad answer {i}.") for i in range(6)]
+    safe = [f"I will not help with {i}." if i % 2 else None for i in range(6)]
+    objective = Objective(gd=1.0, rd=0.0, pd=0.0, sp=1.0)
+    stream = BatchStream(load_tokenizer(path), harmful, harmful, objective, batch_size=4,
+                         max_length=64, seed=0, safe=safe)  # fmt: skip
+    batch = stream.micro_batch(0)
+    chosen = stream.harmful_order.take(0, 4)
+    with_safe = [i for i in chosen if safe[i] is not None]
+    assert batch["term"].tolist() == [TERM_IDS["gd"]] * 4 + [TERM_IDS["sp"]] * len(with_safe)
+    tokenizer = load_tokenizer(path)
+    for row, i in zip(range(4, 4 + len(with_safe)), with_safe, strict=True):
+        text = tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row] == 1])
+        assert harmful[i].prompt in text and safe[i] in text
+    with pytest.raises(ValueError, match="one safe answer"):
+        BatchStream(tokenizer, harmful, harmful, objective, batch_size=2, max_length=64, seed=0)

@@ -143,3 +143,21 @@ def test_non_finite_loss_names_step_and_term(tiny, tmp_path):
 
     with pytest.raises(TrainingError, match=r"step 2: the gd loss term is nan"):
         _run(tiny, tmp_path, on_step=poison, models=models, steps=3)
+
+
+def test_the_kl_cap_stops_the_runaway_that_the_monitor_reports(tiny, tmp_path):
+    """Full fine-tuning of a tiny model with the published diverging KL runs away as the real
+    runs do (the KL climbs to tens of nats per token while gd rises) and the log says so;
+    with a cap κ the KL stays at κ and gd keeps falling."""
+    settings = dict(steps=100, lr=1e-2, epsilon=[0.1, 0.1, 1.0], lora=False, log_every=1)
+    _, free = _run(tiny, tmp_path / "free", **settings)
+    _, capped = _run(tiny, tmp_path / "capped", kl_cap=0.1, **settings)
+
+    kl = [r["pd"] for r in free]
+    gd = [r["gd"] for r in free]
+    assert max(kl) > 10 and gd[-1] > 1.5 * min(gd)
+    warnings = [r["warning"] for r in free if "warning" in r]
+    assert warnings and "the diverging term is running away" in warnings[0]
+
+    assert max(r["pd"] for r in capped) <= 0.1 + 1e-4
+    assert capped[-1]["gd"] < capped[0]["gd"] and not any("warning" in r for r in capped)

@@ -27,8 +27,9 @@ from sku_fast.unlearn.checkpointing import (
     save_checkpoint,
     truncate_log,
 )
+from sku_fast.unlearn.monitor import RunawayMonitor
 from sku_fast.unlearn.network import Model, compute_terms
-from sku_fast.unlearn.objective import Objective, combine
+from sku_fast.unlearn.objective import TERMS, Objective, combine
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -119,6 +120,8 @@ def train(
         disable=not (progress and accelerator.is_main_process),
         desc=f"stage 1 ({config.method})",
     )
+    monitor = RunawayMonitor() if objective.pd < 0 else None  # only a diverging KL runs away
+    objective_terms = (*TERMS, "loss")
     model.network.train()
     for step in range(start, config.steps):
         totals: dict[str, torch.Tensor] = {}
@@ -156,11 +159,15 @@ def train(
         record = {name: float(v) for name, v in zip(names, stacked.tolist(), strict=True)}
         record["loss"] = sum(getattr(objective, n) * v for n, v in record.items())
         record = {"step": step + 1, "lr": lr, **record}
+        warning = monitor.check(step + 1, record) if monitor is not None else None
         if accelerator.is_main_process:
-            if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
+            if warning is not None:
+                record["warning"] = warning
+                bar.write(f"warning: {warning}")
+            if warning or (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 with log.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "lr")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in objective_terms})
         bar.update(1)
         every = config.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < config.steps:
