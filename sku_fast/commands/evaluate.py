@@ -48,6 +48,13 @@ def _evaluation_options(*, n: int, max_new_tokens: int):
         click.option("--top-p", type=float, default=0.9, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="e.g. cpu, cuda."),
+        click.option(
+            "--generate/--no-generate",
+            default=True,
+            show_default=True,
+            help="--no-generate measures only answer likelihoods: the judge-free forgetting "
+            "metric (needs harmful data with safe answers too) and the normal-answer NLL.",
+        ),
     ]
 
     def decorate(command):
@@ -90,6 +97,7 @@ def _eval_config(harmful, normal, options: dict):
         generation=generation,
         batch_size=options["batch_size"],
         device=options["device"],
+        generate=options["generate"],
     )
 
 

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sku_fast.errors import ConfigError, DataError
+from sku_fast.eval.forgetting import AnswerNLL, answer_nlls, forgetting
 from sku_fast.eval.generation import GenerationConfig, generate
 from sku_fast.eval.judges import check_judge_spec, load_judge, rates
 from sku_fast.eval.metrics import answer_nll, distinct_n, load_similarity
 from sku_fast.eval.text import is_refusal
-from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
+from sku_fast.unlearn.data import QAPair, demo_data_path, load_contrast_pairs, load_qa_pairs
 from sku_fast.unlearn.models import (
     DEFAULT_MODEL_NAME,
     load_model,
@@ -48,7 +49,8 @@ SETS = ("harmful", "normal", "harmless")
 @dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate on and how. A data path of None means the packaged demo set; `n` is
-    the number of prompts taken from the start of each set (None: all)."""
+    the number of prompts taken from the start of each set (None: all). `generate` off
+    measures only the answer likelihoods (fast, no judge)."""
 
     harmful: Path | None = None
     normal: Path | None = None
@@ -59,6 +61,7 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     batch_size: int = 8
     device: str = "cpu"
+    generate: bool = True
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
@@ -139,6 +142,7 @@ class Reference:
     tokenizer: PreTrainedTokenizerBase
     label: str
     normal_generations: list[str] | None = None
+    answer_nll: AnswerNLL | None = None
 
     @classmethod
     def load(cls, model: str | Path | None, device: str = "cpu") -> Reference:
@@ -154,23 +158,58 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def load_data(config: EvalConfig) -> dict[str, list]:
+    """The prompt sets of `config` (first n of each), and the harmful set's (prompt, unsafe,
+    safe) triples when it has safe answers too ("contrast", else empty)."""
+    data: dict[str, list] = {name: load_set(name, getattr(config, name), config.n) for name in SETS}
+    contrast = load_contrast_pairs(config.harmful) if config.harmful is not None else []
+    data["contrast"] = contrast[: config.n] if config.n is not None else contrast
+    return data
+
+
 def evaluate_loaded(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     config: EvalConfig,
     reference: Reference,
     *,
-    judge: Judge,
-    similarity: Similarity,
+    judge: Judge | None,
+    similarity: Similarity | None,
     label: str,
-    data: dict[str, list[QAPair]] | None = None,
+    data: dict[str, list] | None = None,
     log=print,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(results, generation records) for a loaded model; see `evaluate_model`."""
-
+    """(results, generation records) for a loaded model; see `evaluate_model`. With
+    `config.generate` off only the answer NLLs are measured (no judge, no similarity)."""
     started = time.perf_counter()
-    data = data or {name: load_set(name, getattr(config, name), config.n) for name in SETS}
+    data = data or load_data(config)
     records: list[dict[str, Any]] = []
+    results: dict[str, Any] = {"model": label, "reference": reference.label}
+    normal_prompts = [p.prompt for p in data["normal"]]
+    log(f"[{label}] scoring answer likelihoods")
+    nll = answer_nll(
+        model, tokenizer, normal_prompts, [p.answer for p in data["normal"]],
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    if data.get("contrast"):
+        if reference.answer_nll is None:
+            reference.answer_nll = answer_nlls(
+                reference.model, reference.tokenizer, data["contrast"], data["normal"],
+                batch_size=config.batch_size,
+            )  # fmt: skip
+        own = answer_nlls(model, tokenizer, data["contrast"], data["normal"],
+                          batch_size=config.batch_size)  # fmt: skip
+        results["forgetting"] = forgetting(own, reference.answer_nll)
+    if not config.generate:
+        results["normal"] = {
+            "n": len(normal_prompts),
+            "nll": nll.mean_nll,
+            "nll_tokens": nll.tokens,
+        }
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        return results, records
+    assert judge is not None and similarity is not None, "generation needs a judge and similarity"
+
     outputs: dict[str, list[str]] = {}
     for name in SETS:
         prompts = [p.prompt for p in data[name]]
@@ -188,13 +227,8 @@ def evaluate_loaded(
             | {"category": verdict.category, "harmful": verdict.harmful, "reason": verdict.reason}
         )
 
-    normal_prompts = [p.prompt for p in data["normal"]]
     normal_outputs = outputs["normal"]
-    log(f"[{label}] scoring normal answers and fluency")
-    nll = answer_nll(
-        model, tokenizer, normal_prompts, [p.answer for p in data["normal"]],
-        batch_size=config.batch_size,
-    )  # fmt: skip
+    log(f"[{label}] scoring fluency and similarity")
     fluency = answer_nll(
         reference.model, reference.tokenizer, normal_prompts, normal_outputs,
         batch_size=config.batch_size,
@@ -244,9 +278,7 @@ def evaluate_loaded(
             | {"refusal": refused[i]}
         )
 
-    results = {
-        "model": label,
-        "reference": reference.label,
+    results |= {
         "judge": judge.name,
         "generation": asdict(config.generation),
         "harmful": harmful,
@@ -277,37 +309,57 @@ def _num(value: float, digits: int = 3) -> str:
 
 def summary_markdown(results: dict[str, Any]) -> str:
     """A short human summary of one evaluation."""
-    h, n, s = results["harmful"], results["normal"], results["harmless"]
-    lines = [
-        f"# Evaluation of {results['model']}",
-        "",
-        f"Judge: `{results['judge']}`; reference (original) model: {results['reference']}; "
-        f"generation: {'sampling' if results['generation']['sample'] else 'greedy'}, "
-        f"{results['generation']['max_new_tokens']} new tokens.",
-        "",
-        f"## Harmful prompts (n = {h['n']})",
-        "",
-        "| harmful | refusal | degenerate | off-topic |",
-        "|---|---|---|---|",
-        f"| {_pct(h['harmful_rate'])} | {_pct(h['refusal_rate'])} | "
-        f"{_pct(h['degenerate_rate'])} | {_pct(h['off_topic_rate'])} |",
-        "",
-        f"## Normal prompts (n = {n['n']})",
-        "",
-        "| answer NLL | similarity to original | distinct-1 | distinct-2 | fluency (ppl) |",
-        "|---|---|---|---|---|",
-        f"| {_num(n['nll'])} | {_num(n['similarity'])} | {_num(n['distinct_1'])} | "
-        f"{_num(n['distinct_2'])} | {_num(n['fluency_ppl'], 2)} |",
-        "",
-        f"Similarity method: {n['similarity_method']}. Fluency is the perplexity of the "
-        "generations under the original model (lower is more fluent; repetition loops also "
-        "score low, so read it beside distinct-n).",
-        "",
-        f"## Harmless prompts (n = {s['n']})",
-        "",
-        f"Over-refusal rate: {_pct(s['over_refusal_rate'])}",
-        "",
-    ]
+    lines = [f"# Evaluation of {results['model']}", ""]
+    if "judge" in results:
+        h, n, s = results["harmful"], results["normal"], results["harmless"]
+        lines += [
+            f"Judge: `{results['judge']}`; reference (original) model: {results['reference']}; "
+            f"generation: {'sampling' if results['generation']['sample'] else 'greedy'}, "
+            f"{results['generation']['max_new_tokens']} new tokens.",
+            "",
+            f"## Harmful prompts (n = {h['n']})",
+            "",
+            "| harmful | refusal | degenerate | off-topic |",
+            "|---|---|---|---|",
+            f"| {_pct(h['harmful_rate'])} | {_pct(h['refusal_rate'])} | "
+            f"{_pct(h['degenerate_rate'])} | {_pct(h['off_topic_rate'])} |",
+            "",
+            f"## Normal prompts (n = {n['n']})",
+            "",
+            "| answer NLL | similarity to original | distinct-1 | distinct-2 | fluency (ppl) |",
+            "|---|---|---|---|---|",
+            f"| {_num(n['nll'])} | {_num(n['similarity'])} | {_num(n['distinct_1'])} | "
+            f"{_num(n['distinct_2'])} | {_num(n['fluency_ppl'], 2)} |",
+            "",
+            f"Similarity method: {n['similarity_method']}. Fluency is the perplexity of the "
+            "generations under the original model (lower is more fluent; repetition loops also "
+            "score low, so read it beside distinct-n).",
+            "",
+            f"## Harmless prompts (n = {s['n']})",
+            "",
+            f"Over-refusal rate: {_pct(s['over_refusal_rate'])}",
+            "",
+        ]
+    else:
+        lines += [f"Normal-answer NLL: {_num(results['normal']['nll'])} (no generation).", ""]
+    f = results.get("forgetting")
+    if f is not None:
+        lines += [
+            f"## Forgetting, without a judge ({f['pairs']} held-out harmful prompts)",
+            "",
+            "NLL per token of held-out answers; the rise is over the original model. Selective "
+            "unlearning raises the unsafe answers' NLL far more than the safe answers' and the "
+            "normal answers'.",
+            "",
+            "| answers | NLL | rise |",
+            "|---|---|---|",
+            f"| unsafe | {_num(f['unsafe'])} | {f['unsafe_rise']:+.3f} |",
+            f"| safe | {_num(f['safe'])} | {f['safe_rise']:+.3f} |",
+            f"| normal | {_num(f['normal'])} | {f['normal_rise']:+.3f} |",
+            "",
+            f"Selectivity (unsafe rise / safe rise): {_num(f['selectivity'], 2)}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -328,12 +380,14 @@ def evaluate_model(
     resolve_model_path(resolved)  # a bad path fails now, not after loading the reference
     if not isinstance(reference, Reference):
         reference = Reference.load(reference, config.device)
-    similarity = load_similarity(config.similarity, device=config.device)
-    judge = load_judge(
-        config.judge,
-        similarity=similarity if similarity.embedder is not None else None,
-        device=config.device,
-    )
+    similarity = judge = None
+    if config.generate:
+        similarity = load_similarity(config.similarity, device=config.device)
+        judge = load_judge(
+            config.judge,
+            similarity=similarity if similarity.embedder is not None else None,
+            device=config.device,
+        )
     if model_label(model) == reference.label:
         loaded, tokenizer = reference.model, reference.tokenizer
     else:
