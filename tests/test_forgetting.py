@@ -10,6 +10,7 @@ from tiny_models import smol_llama_dir
 
 from sku_fast.eval.evaluate import EvalConfig, evaluate_model
 from sku_fast.eval.forgetting import AnswerNLL, forgetting
+from sku_fast.unlearn.models import load_model, load_tokenizer
 from sku_fast.unlearn.tokens import tokenize_pair
 
 ROWS = [
