@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import smol_llama_dir
+from tiny_models import tiny_model_dir
 
 from sku_fast.eval.evaluate import EvalConfig, evaluate_model
 from sku_fast.eval.forgetting import AnswerNLL, forgetting
@@ -42,8 +42,8 @@ def _direct_nll(loaded, prompts, answers) -> float:
 
 
 def test_the_metric_matches_a_direct_computation(tmp_path):
-    original = smol_llama_dir(tmp_path / "original", seed=0)
-    unlearned = smol_llama_dir(tmp_path / "unlearned", seed=1)
+    original = tiny_model_dir(tmp_path / "original", chat=True, seed=0)
+    unlearned = tiny_model_dir(tmp_path / "unlearned", chat=True, seed=1)
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     normal = tmp_path / "normal.jsonl"
