@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "negate": "sku_fast.commands.negate:negate_command",
     "negate-lora": "sku_fast.commands.negate:negate_lora_command",
     "unlearn": "sku_fast.commands.unlearn:unlearn_command",
+    "select-lambda": "sku_fast.commands.select_lambda:select_lambda_command",
     "eval": "sku_fast.commands.evaluate:eval_command",
     "compare": "sku_fast.commands.evaluate:compare_command",
 }

@@ -35,6 +35,11 @@ _FIELDS = {
     "guided_distortion": "guided_distortion",
     "random_disassociation": "random_disassociation",
     "preservation_divergence": "preservation_divergence",
+    "preservation": "preservation",
+    "kl_cap": "kl_cap",
+    "safe_weight": "safe_weight",
+    "validation": "validation",
+    "lambda_grid": "lambda_grid",
     "loss_backend": "loss_backend",
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
@@ -42,6 +47,38 @@ _FIELDS = {
 }
 
 DEMO_PROMPTS = 2  # per set, for the before/after printout
+DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)  # --lambda auto
+AUTO_VALIDATION = 50  # samples per set held out for choosing λ, unless --validation says
+
+
+class LambdaParam(click.ParamType):
+    """A number, or `auto`."""
+
+    name = "λ|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+
+
+class GridParam(click.ParamType):
+    """Comma-separated numbers."""
+
+    name = "λ,λ,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
 # the no-option demo on the embedded model (options given on the command line still win)
 DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 
@@ -59,7 +96,23 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [32].")
 @click.option("--lora-alpha", type=click.IntRange(min=1), help="LoRA alpha [16].")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps, exactly.")
-@click.option("--lambda", "lam", type=float, help="Negation strength λ [1.0].")
+@click.option(
+    "--lambda",
+    "lam",
+    type=LambdaParam(),
+    help="Negation strength λ [1.0], or `auto`: chosen after training on held-out samples "
+    "(see --lambda-grid and --validation).",
+)
+@click.option(
+    "--lambda-grid",
+    type=GridParam(),
+    help="λ values to choose from, e.g. 0.25,0.5,1,2,4 (implies --lambda auto).",
+)
+@click.option(
+    "--validation",
+    type=click.IntRange(min=0),
+    help="Samples of each set held out of training for choosing λ [0; 50 with --lambda auto].",
+)
 @click.option("--out", help="Output folder [sku-fast-runs/run].")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or YAML settings file.")
 @click.option("--seed", type=int, help="Seed of sampling and initialisation [0].")
@@ -73,6 +126,21 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option("--random-disassociation/--no-random-disassociation", default=None, help="Ablation.")
 @click.option(
     "--preservation-divergence/--no-preservation-divergence", default=None, help="Ablation."
+)
+@click.option(
+    "--preservation",
+    type=click.Choice(["diverge", "keep"]),
+    help="SKU's KL on normal data: diverge (−ε3·KL, the paper's) or keep (+ε3·KL).",
+)
+@click.option(
+    "--kl-cap",
+    type=float,
+    help="κ: cap of a diverging KL per token (no gradient beyond it), against its runaway.",
+)
+@click.option(
+    "--safe-weight",
+    type=float,
+    help="ε4: keep the KL small on the harmful prompts' safe answers (data with safe answers).",
 )
 @click.option("--loss-backend", type=click.Choice(["fused-linear", "fused", "torch"]))
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps.")
@@ -105,9 +173,16 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     given = {_FIELDS[key]: value for key, value in options.items() if value is not None}
     if given.get("epsilon") is not None:
         given["epsilon"] = list(given["epsilon"])
-    if config.model is None and "model" not in given and not config_file:
+    real_data = any(key in given for key in ("harmful", "normal"))
+    if config.model is None and "model" not in given and not config_file and not real_data:
         # the embedded demo: a short schedule that runs on a 2-core CPU in a few minutes
         given = {**DEMO_SETTINGS, **given}
+    if given.get("lam") == "auto" or "lambda_grid" in given:
+        if given.get("lam") == "auto":
+            del given["lam"]
+        given.setdefault("lambda_grid", list(DEFAULT_GRID))
+        if not config.validation:
+            given.setdefault("validation", AUTO_VALIDATION)
     config = UnlearnConfig.from_dict({**config.to_dict(), **given})
     resolved = config.resolve()
     # the settings file is an input too, unless it is the run's own (--resume)
@@ -116,6 +191,15 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     out = run_unlearn(resolved, progress=not quiet, also_read=read)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     click.echo(f"stage 1: {resolved.steps} steps, last {_format(log[-1])}" if log else "")
+    if resolved.lambda_grid:
+        from sku_fast.eval.select_lambda import SweepConfig, select_lambda
+
+        sweep = select_lambda(
+            out,
+            SweepConfig(grid=tuple(resolved.lambda_grid)),
+            log=(lambda _: None) if quiet else click.echo,
+        )
+        click.echo(f"λ sweep: {sweep['reason']} ({out / 'lambda-sweep' / 'table.md'})")
     click.echo(f"unlearned model: {out / 'model'}")
     if samples:
         _print_samples(resolved, out)

@@ -154,3 +154,39 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]
     if plot_ablation(rows, out / "ablation.png"):
         written.append(out / "ablation.png")
     return written
+
+
+def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Harm (left) and utility (right) against λ, the original as a dashed line in each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    original, swept = rows[0], [r for r in rows[1:]]
+    lams = [r["lambda"] for r in swept]
+    fig, (harm, utility) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, color in (("harmful_rate", "harmful", "C3"), ("refusal_rate", "refusal", "C2"),
+                              ("off_topic_rate", "off-topic", "C7"),
+                              ("degenerate_rate", "degenerate", "C4")):  # fmt: skip
+        harm.plot(lams, [100 * r[key] for r in swept], "o-", color=color, label=label)
+        harm.axhline(100 * original[key], color=color, ls="--", lw=0.8)
+    harm.set_ylabel("responses to harmful prompts, %")
+    harm.set_title("what negation bought (dashed: the original)")
+    nll = utility.twinx()
+    utility.plot(lams, [r["similarity"] for r in swept], "o-", color="C0", label="similarity")
+    utility.axhline(original["similarity"], color="C0", ls="--", lw=0.8)
+    utility.set_ylabel("similarity to the original (higher is better)", color="C0")
+    nll.plot(lams, [r["normal_nll"] for r in swept], "s-", color="C1", label="normal NLL")
+    nll.axhline(original["normal_nll"], color="C1", ls="--", lw=0.8)
+    nll.set_ylabel("normal-answer NLL (lower is better)", color="C1")
+    utility.set_title("what it cost")
+    for ax in (harm, utility):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lams, [f"{v:g}" for v in lams])
+        ax.set_xlabel("λ")
+        ax.grid(alpha=0.3)
+    harm.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

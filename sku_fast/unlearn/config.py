@@ -36,6 +36,10 @@ class UnlearnConfig:
     steps: optimizer steps, exactly; batch_size samples per micro-batch of each set;
         grad_accum micro-batches per step.
     lam: λ of the negation θ_o − λ·τ.
+    validation: samples of each set held out of training (at most a fifth), saved in
+        <out>/validation/ for choosing λ.
+    lambda_grid: when set, `sku-fast unlearn` chooses λ from this grid after training, on the
+        validation samples (sku-fast select-lambda); `lam` is then only the first guess.
     k: random answers per harmful prompt (random disassociation).
     epsilon: weights of the three terms; None = (2.5, 2.5, 1) for sku, (0.5, 1, 1) for ga.
     guided_distortion / random_disassociation / preservation_divergence: ablation switches.
@@ -81,6 +85,8 @@ class UnlearnConfig:
     guided_distortion: bool = True
     random_disassociation: bool = True
     preservation_divergence: bool = True
+    validation: int = 0
+    lambda_grid: list[float] | None = None
     preservation: str | None = None
     kl_cap: float | None = None
     safe_weight: float = 0.0
@@ -129,6 +135,16 @@ class UnlearnConfig:
             for value in values if isinstance(values, list) else [values]:
                 if not (math.isfinite(value) and low(value) and high(value)):
                     raise ConfigError(f"{name} must be {why}, got {value}")
+        if resolved.lambda_grid is not None:
+            if not resolved.lambda_grid or any(not 0 < v <= 100 for v in resolved.lambda_grid):
+                raise ConfigError(
+                    f"lambda_grid must list values in (0, 100], got {resolved.lambda_grid}"
+                )
+            if resolved.validation == 0:
+                raise ConfigError(
+                    "choosing λ (lambda_grid, --lambda auto) needs validation > 0 samples "
+                    "held out of training"
+                )
         if resolved.warmup_steps > resolved.steps:
             raise ConfigError(
                 f"warmup_steps ({resolved.warmup_steps}) must not exceed steps ({resolved.steps})"
@@ -223,6 +239,7 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], Callable[[float], bool], str]
      "finite with |ε| ≤ 1000 (the terms' weights)"),
     ("warmup_steps", lambda v: v >= 0, lambda v: True, ">= 0"),
     ("safe_weight", lambda v: v >= 0, lambda v: v <= 1000, "in [0, 1000] (0: off)"),
+    ("validation", lambda v: v >= 0, lambda v: v <= 100_000, "between 0 and 100,000 samples"),
     ("checkpoint_every", lambda v: v >= 0, lambda v: True, ">= 0 (0: no checkpoints)"),
     ("log_every", lambda v: v >= 1, lambda v: True, ">= 1"),
     ("max_length", lambda v: v >= 8, lambda v: v <= 1_000_000, "between 8 and 1,000,000 tokens"),

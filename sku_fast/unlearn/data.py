@@ -110,6 +110,22 @@ def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
     return triples
 
 
+def hold_out(pairs: Sequence[QAPair], count: int, seed: int) -> tuple[list[QAPair], list[QAPair]]:
+    """(training pairs, held-out pairs): `count` pairs chosen by a seeded shuffle, at most a
+    fifth of the set, so that training keeps most of its data."""
+    import numpy as np
+
+    count = min(count, len(pairs) // 5)
+    if count <= 0:
+        return list(pairs), []
+    order = np.random.default_rng([seed, 7]).permutation(len(pairs))
+    held = set(order[:count].tolist())
+    return (
+        [p for i, p in enumerate(pairs) if i not in held],
+        [p for i, p in enumerate(pairs) if i in held],
+    )
+
+
 def _read_records(path: Path) -> list[Any]:
     if path.is_dir():
         return _read_saved_dataset(path)

@@ -9,6 +9,8 @@
     <out>/adapter-negated/   the adapter with lora_B scaled by −λ (SKU, LoRA mode)
     <out>/model/             the result; loads with `from_pretrained`
     <out>/checkpoints/       resumable stage-1 checkpoints (when checkpoint_every > 0)
+    <out>/validation/        the samples held out of training (with validation > 0), for
+                             choosing λ (sku-fast select-lambda)
 
 SKU writes model/ = θ_o − λ·(θ_bad − θ_o) with the streaming engine, which reads θ_o and the
 adapter (or θ_bad) from disk in bounded memory: two full copies are never held. The
@@ -36,7 +38,13 @@ from sku_fast.engine.output import StagedOutput, check_output, write_atomically
 from sku_fast.errors import DataError, TrainingError
 from sku_fast.unlearn.checkpointing import CHECKPOINTS, latest_checkpoint
 from sku_fast.unlearn.config import UnlearnConfig
-from sku_fast.unlearn.data import QAPair, demo_data_path, load_contrast_pairs, load_qa_pairs
+from sku_fast.unlearn.data import (
+    QAPair,
+    demo_data_path,
+    hold_out,
+    load_contrast_pairs,
+    load_qa_pairs,
+)
 from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
 from sku_fast.unlearn.network import prepare_model
 from sku_fast.unlearn.objective import objective_for
@@ -46,6 +54,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from sku_fast.unlearn.trainer import StepCallback
+
+
+VALIDATION = "validation"
 
 
 def _absolute(path: str | None) -> str | None:
@@ -133,15 +144,28 @@ def run_unlearn(
         config.normal_prompt_column,
         config.normal_answer_column,
     )
+    harmful, harmful_held = hold_out(harmful, config.validation, config.seed)
+    normal, normal_held = hold_out(normal, config.validation, config.seed + 1)
+    safe_by_prompt = {}
+    if config.safe_weight > 0 or harmful_held:
+        source = harmful_path or demo_data_path("harmful")
+        safe_by_prompt = {pair.prompt: pair.safe for pair in load_contrast_pairs(source)}
     safe = None
     if config.safe_weight > 0:
-        safe = safe_answers(harmful, harmful_path or demo_data_path("harmful"))
+        if not safe_by_prompt:
+            raise DataError(
+                f"{harmful_path}: safe_weight needs harmful data with safe answers as well "
+                "(columns prompt/unsafe/safe, or PKU-SafeRLHF's response_0/1 with "
+                "is_response_0/1_safe)"
+            )
+        safe = [safe_by_prompt.get(pair.prompt) for pair in harmful]
+    validation = _validation_rows(harmful_held, normal_held, safe_by_prompt)
     tokenizer = load_tokenizer(model_path)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     device = str(accelerator.device)
     model = load_model(model_path, dtype=getattr(torch, config.dtype), device=device)
-    run = _Run(config, model_path, model, tokenizer, harmful, normal, safe, accelerator)
+    run = _Run(config, model_path, model, tokenizer, harmful, normal, safe, validation, accelerator)
     if config.resume:
         run.produce(out, progress, on_step)
         return out
@@ -163,15 +187,18 @@ def run_unlearn(
     return out
 
 
-def safe_answers(harmful: Sequence[QAPair], path: Path) -> list[str | None]:
-    """The safe answer of each harmful sample (by prompt), for the safe-answer term."""
-    by_prompt = {pair.prompt: pair.safe for pair in load_contrast_pairs(path)}
-    if not by_prompt:
-        raise DataError(
-            f"{path}: safe_weight needs harmful data with safe answers as well (columns "
-            "prompt/unsafe/safe, or PKU-SafeRLHF's response_0/1 with is_response_0/1_safe)"
-        )
-    return [by_prompt.get(pair.prompt) for pair in harmful]
+def _validation_rows(
+    harmful: Sequence[QAPair], normal: Sequence[QAPair], safe: dict[str, str]
+) -> dict[str, list[dict]]:
+    """The held-out samples as rows to save: harmful ones with their safe answer when the data
+    has one (the layout load_contrast_pairs reads), normal ones as prompt/answer."""
+    if not harmful and not normal:
+        return {}
+    rows = {"normal": [{"prompt": p.prompt, "answer": p.answer} for p in normal], "harmful": []}
+    for pair in harmful:
+        row = {"prompt": pair.prompt, "unsafe": pair.answer}
+        rows["harmful"].append(row | ({"safe": safe[pair.prompt]} if pair.prompt in safe else {}))
+    return rows
 
 
 def _shared_path(accelerator: Accelerator, staging: Path | None) -> Path:
@@ -207,6 +234,7 @@ class _Run:
     harmful: list
     normal: list
     safe: list | None
+    validation: dict[str, list[dict]]
     accelerator: Accelerator
 
     def produce(self, folder: Path, progress: bool, on_step: StepCallback | None) -> None:
@@ -225,6 +253,8 @@ class _Run:
                     },
                 )
                 saved.save(folder / "config.json")
+                if self.validation:
+                    write_atomically(folder / VALIDATION, self._write_validation)
             if not _has_safetensors(self.model_path):
                 base = folder / "original"
                 if not _has_safetensors(base):  # written before training changes any weight
@@ -249,6 +279,11 @@ class _Run:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self._negate(folder, base, trained)
+
+    def _write_validation(self, staging: Path) -> None:
+        for name, rows in self.validation.items():
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            (staging / f"{name}.jsonl").write_text(text, encoding="utf-8")
 
     def _negate(self, folder: Path, base: Path, trained) -> None:
         """Stage 2 (SKU) or the trained model itself (the baseline), each output atomic."""

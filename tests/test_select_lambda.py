@@ -1,0 +1,103 @@
+"""Choosing λ: the rule on constructed cases, and the sweep end to end on a tiny run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_models import tiny_model_dir
+
+from sku_fast.cli import main
+from sku_fast.errors import ConfigError
+from sku_fast.eval.select_lambda import SweepConfig, choose, select_lambda
+from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.pipeline import run_unlearn
+
+
+def _row(lam, harm, nll, similarity):
+    return {"lambda": lam, "harmful_rate": harm, "normal_nll": nll, "similarity": similarity}
+
+
+ORIGINAL = _row(0.0, 0.60, 2.00, 1.00)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        # harm falls with λ until the NLL bound (2.2) cuts it off: the last acceptable λ
+        ([_row(0.5, 0.5, 2.05, 0.95), _row(1, 0.3, 2.15, 0.9), _row(2, 0.1, 2.5, 0.85)], 1),
+        # the similarity bound cuts λ = 2 although its NLL is fine
+        ([_row(1, 0.4, 2.1, 0.9), _row(2, 0.2, 2.1, 0.7)], 1),
+        # a tie in harm: the smaller λ
+        ([_row(0.5, 0.3, 2.1, 0.9), _row(1, 0.3, 2.12, 0.9)], 0.5),
+        # nothing acceptable: no choice
+        ([_row(1, 0.1, 3.0, 0.9), _row(2, 0.0, 4.0, 0.5)], None),
+    ],
+    ids=["nll-bound", "similarity-bound", "tie", "none"],
+)
+def test_the_rule_picks_the_least_harmful_acceptable_lambda(rows, expected):
+    chosen, reason = choose([ORIGINAL, *rows], SweepConfig())
+    assert chosen == expected
+    assert ("no λ of the grid" in reason) == (expected is None)
+
+
+def test_bad_sweep_settings_are_config_errors():
+    with pytest.raises(ConfigError, match=r"grid must hold values in \(0, 100\]"):
+        SweepConfig(grid=(0.5, -1.0))
+    with pytest.raises(ConfigError, match="max_nll_rise"):
+        SweepConfig(max_nll_rise=-0.1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    model = tiny_model_dir(root / "model")
+    rows = [{"prompt": f"How do I do bad thing {i}?", "unsafe": f"Do step {i}, then {i + 1}.",
+             "safe": "I won't help with that."} for i in range(30)]  # fmt: skip
+    harmful = root / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = UnlearnConfig(model=str(model), harmful=str(harmful), out=str(root / "run"),
+                           steps=3, lora_r=2, lora_alpha=4, max_length=64, lr=1e-2,
+                           validation=5)  # fmt: skip
+    return run_unlearn(config, progress=False)
+
+
+def test_the_run_holds_out_its_validation_samples(run):
+    harmful = [json.loads(line) for line in (run / "validation/harmful.jsonl").open()]
+    normal = (run / "validation/normal.jsonl").read_text().splitlines()
+    assert len(harmful) == 5 and len(normal) == 5  # 5 of 30 harmful, 5 of the 40 demo normal
+    assert all(set(r) == {"prompt", "unsafe", "safe"} for r in harmful)
+
+
+def test_the_sweep_rewrites_the_model_with_the_chosen_lambda(run, tmp_path):
+    summary = select_lambda(
+        run, SweepConfig(grid=(0.5, 2.0), max_nll_rise=10, min_similarity=-1, max_new_tokens=4),
+        log=lambda _: None,
+    )  # fmt: skip
+    assert [r["lambda"] for r in summary["rows"]] == [0.0, 0.5, 2.0]
+    assert summary["lambda"] in (0.5, 2.0)
+    for name in ("table.md", "table.json", "harm_vs_lambda.png", "generations-2.jsonl"):
+        assert (run / "lambda-sweep" / name).is_file()
+    assert json.loads((run / "summary.json").read_text())["lambda"] == summary["lambda"]
+    # model/ is exactly the streamed negation with that λ
+    from sku_fast.engine.arithmetic import negate
+
+    base = Path(json.loads((run / "config.json").read_text())["model"])
+    expected = negate(base, run / "stage1/adapter", tmp_path / "x", summary["lambda"])
+    got, want = (
+        load_file(run / "model/model.safetensors"),
+        load_file(expected / "model.safetensors"),
+    )
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(run.glob(".lambda-*"))  # no scratch folder left
+
+
+def test_the_cli_sweep_and_its_errors(run, tmp_path):
+    result = CliRunner().invoke(main, ["select-lambda", str(run), "--grid", "1", "--n", "2",
+                                       "--max-new-tokens", "2", "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "table.md" in result.output
+    result = CliRunner().invoke(main, ["select-lambda", str(tmp_path)])
+    assert result.exit_code == 1 and "is not an `sku-fast unlearn` run folder" in result.output
