@@ -124,6 +124,8 @@ CORPUS = {
         raw_file({"__metadata__": {"format": 1}}, b""),
         r"__metadata__ value of \"format\"",
     ),
+    "no_tensors": (raw_file(b"{}", b""), r"holds no tensors; not a model checkpoint"),
+    "metadata_only": (raw_file({"__metadata__": {"format": "pt"}}, b""), r"holds no tensors"),
     "git_lfs_pointer": (
         b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 538970112\n",
         r"is a Git LFS pointer file, not the weights",
