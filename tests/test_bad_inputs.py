@@ -355,11 +355,38 @@ def test_bad_arguments_are_value_errors(tmp_path):
         negate(base, base, tmp_path / "out", dtype="int8")
     with pytest.raises(ValueError, match=r"threads must be at least 1, got 0"):
         negate(base, base, tmp_path / "out", threads=0)
-    with pytest.raises(ValueError, match=r"weight of scale must be finite, got inf"):
-        negate(base, base, tmp_path / "out", scale=float("inf"))
     with pytest.raises(ValueError, match=r"needs at least one"):
         task_arithmetic(base, [], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "scale, message",
+    [
+        (float("inf"), r"scale must be finite, got inf"),
+        (float("nan"), r"scale must be finite, got nan"),
+        (1e39, r"scale must be at most 1000, got 1e\+39: larger weights are not meaningful"),
+        (-0.5, r"scale must be positive, got -0\.5: .*a negative λ would add it.*`sku-fast arith"),
+        (0, r"scale must be positive, got 0"),
+    ],
+)
+def test_negation_scale_is_finite_positive_and_bounded(tmp_path, scale, message):
+    """λ = 1e39 used to write inf everywhere; a negative λ silently added the task vector."""
+    base = write_good(tmp_path / "base.safetensors")
+    with pytest.raises(ValueError, match=message):
+        negate(base, base, tmp_path / "out", scale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+@pytest.mark.parametrize("weight", [1e39, -1001.0, float("-inf"), float("nan")])
+def test_arithmetic_weights_are_finite_and_bounded(tmp_path, weight):
+    base = write_good(tmp_path / "base.safetensors")
+    tuned = write_good(tmp_path / "tuned.safetensors")
+    pattern = rf"weight of {tuned} must be (finite|in \[-1000, 1000\]), got "
+    with pytest.raises(ValueError, match=pattern):
+        task_arithmetic(base, [(tuned, 0.5), (tuned, weight)], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "tuned.safetensors"]
+    task_arithmetic(base, [(tuned, -1000.0), (tuned, 1000)], tmp_path / "out")  # the bounds
 
 
 def test_missing_inputs_refused(tmp_path):
