@@ -3,7 +3,6 @@ merged: a few MB instead of a whole model."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +12,8 @@ import numpy as np
 from sku_fast.engine.adapter import (
     ADAPTER_WEIGHTS,
     NUMPY_DTYPES,
+    BaseModel,
     check_against_base,
-    delta_orientation,
     is_adapter_dir,
     load_adapter,
     to_float,
@@ -26,6 +25,7 @@ from sku_fast.engine.checkpoint import (
     open_checkpoint,
     read_tensor_bytes,
 )
+from sku_fast.engine.limits import check_weight
 from sku_fast.engine.output import check_output, copy_file, write_atomically
 from sku_fast.errors import CheckpointError
 
@@ -77,11 +77,10 @@ def negate_lora(
     stored whole (`modules_to_save`, biases trained with bias="all"/"lora_only") become
     `base − scale·(tuned − base)`, which needs the base values: pass `base` (a .safetensors file,
     or a model directory, sharded or not) for those adapters; otherwise CheckpointError says so.
-    The input is never modified; the output directory appears atomically. Returns its path.
+    `scale` (λ) is positive and at most 1000 (ValueError otherwise). The input is never
+    modified; the output directory appears atomically. Returns its path.
     """
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = check_weight(scale, "scale", negation=True)
     out = Path(out)
     adapter_ = load_adapter(adapter)
     weights = adapter_.weights
@@ -96,10 +95,7 @@ def negate_lora(
     check_output(out, inputs, overwrite)
 
     if base is not None:
-        shapes = {name: e.shape for name, e in base_map.items()}
-        check_against_base(adapter_, shapes)
-        for name in adapter_.modules:
-            delta_orientation(adapter_, name, shapes[name])
+        check_against_base(adapter_, BaseModel.of(base_ckpt))
     elif adapter_.replaced:
         names = sorted(adapter_.replaced)
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")

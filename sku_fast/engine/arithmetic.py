@@ -118,7 +118,7 @@ def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: f
     from sku_fast.engine import adapter as lora  # numpy only; loaded only for adapters
 
     base_map = base.tensor_map()
-    deltas = lora.adapter_deltas(adapter, {name: e.shape for name, e in base_map.items()})
+    deltas = lora.adapter_deltas(adapter, base)  # the checkpoint: dtypes and config.json too
     headers: dict[str, dict[str, TensorEntry]] = {}
     for name, delta in deltas.items():
         entry = base_map.get(name)
