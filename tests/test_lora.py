@@ -901,3 +901,102 @@ def test_negate_lora_scale_refused(tmp_path, plain, scale, message):
     with pytest.raises(ValueError, match=message):
         negate_lora(plain.adapter_dir, tmp_path / "out", scale=scale, base=plain.base_dir)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("chunk_bytes", [6, 1000, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_chunked_negation_is_bit_identical(tmp_path, plain, monkeypatch, dtype, chunk_bytes):
+    """Chunks of any size (6 bytes splits elements of a row, and f32/f64 go one by one) give the
+    bytes of the whole-tensor computation: fp32 (fp64 for F64), one rounding to nearest even,
+    NaN kept; infinities and subnormals included."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(adapter_negation, "CHUNK_BYTES", chunk_bytes)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / ADAPTER_CONFIG).write_bytes((plain.adapter_dir / ADAPTER_CONFIG).read_bytes())
+    tensors = {k: v.to(dtype) for k, v in load_file(plain.adapter_dir / ADAPTER_WEIGHTS).items()}
+    key_b = B0.replace("layers.0", "layers.1")
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -0.0, 3.0])
+    tensors[key_b].view(-1)[: special.numel()] = special.to(dtype)
+    save_file(tensors, adapter / ADAPTER_WEIGHTS)
+    scale = 0.3
+    out = negate_lora(adapter, tmp_path / "neg", scale=scale, base=plain.base_dir)
+    neg = load_file(out / ADAPTER_WEIGHTS)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    lm = "base_model.model.lm_head.weight"
+    theta = plain.base["lm_head.weight"].to(wide)
+    for key, value in tensors.items():
+        if ".lora_B" in key:
+            want = (value.to(wide) * -scale).to(dtype)
+        elif key == lm:
+            want = (theta - scale * (value.to(wide) - theta)).to(dtype)
+        else:
+            want = value
+        if dtype == torch.bfloat16:  # the engine writes every bf16 NaN as 0x7FC0
+            want = want.clone()
+            want.view(torch.int16)[torch.isnan(want)] = 0x7FC0
+        assert neg[key].dtype == dtype
+        assert neg[key].view(torch.uint8).equal(want.view(torch.uint8)), key
+    assert torch.isnan(neg[key_b].view(-1)[0])
+
+
+# A peak-RSS probe: runs a command and prints the peak RSS of its process tree (KiB).
+MEASURE = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_negate_lora_streams_a_large_lora_b(tmp_path):
+    """A 315 MB bf16 lora_B is negated in bounded chunks: peak RSS stays far below its size
+    (reading it whole took ~4× its size), and sampled rows are right."""
+    import subprocess
+    import sys
+
+    from sku_fast.engine.checkpoint import encode_header, read_file
+
+    rows, rank, cols = 19_660_800, 8, 16  # lora_B [rows, 8] bf16: 315 MB
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["proj"]}
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(config))
+    key_a, key_b = "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight"
+    header, _ = encode_header({}, [(key_a, "BF16", (rank, cols)), (key_b, "BF16", (rows, rank))])
+    rng = np.random.default_rng(0)
+    with open(adapter / ADAPTER_WEIGHTS, "wb") as f:
+        f.write(header)
+        f.write(rng.integers(0x3C00, 0x3F80, rank * cols, dtype=np.uint16).tobytes())
+        block = 1 << 22
+        for start in range(0, rows * rank, block):
+            count = min(block, rows * rank - start)
+            f.write(rng.integers(0x3C00, 0x3F80, count, dtype=np.uint16).tobytes())
+    size_mb = (adapter / ADAPTER_WEIGHTS).stat().st_size / 2**20
+
+    command = [sys.executable, "-c", "from sku_fast.cli import main; main()"]
+    command += ["negate-lora", str(adapter), str(tmp_path / "neg"), "--scale", "0.5", "-q"]
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    peak_mb = int(result.stdout.strip()) / 1024
+    print(f"peak RSS of negate-lora on a {size_mb:.0f} MB adapter: {peak_mb:.0f} MB")
+    assert peak_mb < 120, f"peak RSS {peak_mb:.0f} MB for a {size_mb:.0f} MB lora_B"
+
+    src, dst = (read_file(p / ADAPTER_WEIGHTS) for p in (adapter, tmp_path / "neg"))
+    for entry_src, entry_dst in zip(src.tensors, dst.tensors, strict=True):
+        assert (entry_src.name, entry_src.shape) == (entry_dst.name, entry_dst.shape)
+        for row in (0, entry_src.shape[0] // 3, entry_src.shape[0] - 1):
+            span = entry_src.nbytes // entry_src.shape[0]
+            with open(entry_src.file, "rb") as a, open(entry_dst.file, "rb") as b:
+                a.seek(entry_src.offset + row * span)
+                b.seek(entry_dst.offset + row * span)
+                x, y = a.read(span), b.read(span)
+            x = torch.frombuffer(bytearray(x), dtype=torch.bfloat16)
+            y = torch.frombuffer(bytearray(y), dtype=torch.bfloat16)
+            want = (x.float() * -0.5).bfloat16() if entry_src.name == key_b else x
+            assert y.view(torch.int16).equal(want.view(torch.int16)), (entry_src.name, row)
