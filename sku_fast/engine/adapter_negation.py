@@ -27,6 +27,7 @@ from sku_fast.engine.checkpoint import (
     FLOAT_DTYPES,
     ITEMSIZE,
     TensorEntry,
+    check_output_parent,
     encode_header,
     open_checkpoint,
     path_kind,
@@ -148,6 +149,7 @@ def negate_lora(
         inputs += [Path(base), *(file.path for file in base_ckpt.files)]
         base_map = base_ckpt.tensor_map()
     check_output(out, inputs, overwrite)
+    check_output_parent(out)
 
     if base is not None:
         check_against_base(adapter_, BaseModel.of(base_ckpt))

@@ -104,6 +104,17 @@ def require_file(path: Path, what: str = "file") -> None:
         )
 
 
+def check_output_parent(out: Path) -> None:
+    """The folders above an output are folders (or missing, to be made): a file there would
+    only show up as an obscure "File exists" when the output is written."""
+    for parent in Path(out).parents:
+        kind = path_kind(parent)
+        if kind == "directory":
+            return
+        if kind != "missing":
+            raise CheckpointError(f"output {out}: {parent} is not a folder")
+
+
 def read_file(path: str | os.PathLike) -> SafetensorsFile:
     """Read and validate one .safetensors header (raises CheckpointError)."""
     path = Path(path)
