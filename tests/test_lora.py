@@ -13,12 +13,15 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import llama_config
@@ -1000,3 +1003,112 @@ def test_negate_lora_streams_a_large_lora_b(tmp_path):
             y = torch.frombuffer(bytearray(y), dtype=torch.bfloat16)
             want = (x.float() * -0.5).bfloat16() if entry_src.name == key_b else x
             assert y.view(torch.int16).equal(want.view(torch.int16)), (entry_src.name, row)
+
+
+# ----------------------------------------------------------------------------- config fuzzing
+
+_FUZZ_A = np.arange(8, dtype=np.float32).reshape(2, 4) / 7  # lora_A [r=2, in=4]
+_FUZZ_B = (np.arange(6, dtype=np.float32).reshape(3, 2) - 2.5) / 3  # lora_B [out=3, r=2]
+_FUZZ_BASE = {"proj.weight": (3, 4)}  # not square: the orientation is the shape's
+_FUZZ_VALID = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["proj"]}
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()  # NaN and ±inf included: json.dumps writes them as NaN / Infinity literals
+    | st.sampled_from([0, 1, 2, 3, 6, 0.5, 2.0, 1e6, 1e39, -1])
+    | st.text(max_size=6),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["proj", "pr.j", "x", "(", ".*", "p[", "proj|x"]) | st.text(max_size=4),
+            children,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+_FIELDS = [
+    "peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern",
+    "alpha_pattern", "use_dora", "init_lora_weights", "target_modules", "lora_dropout",
+    "modules_to_save", "bias", "task_type", "layers_to_transform",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fuzz_weights(tmp_path_factory) -> Path:
+    weights = tmp_path_factory.mktemp("fuzz") / ADAPTER_WEIGHTS
+    save_file(
+        {
+            "base_model.model.proj.lora_A.weight": torch.from_numpy(_FUZZ_A),
+            "base_model.model.proj.lora_B.weight": torch.from_numpy(_FUZZ_B),
+        },
+        weights,
+    )
+    return weights
+
+
+def _fuzz_adapter(root: Path, weights: Path, text: str) -> Path:
+    adapter = root / "adapter"
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    adapter.mkdir(parents=True)
+    (adapter / ADAPTER_WEIGHTS).write_bytes(weights.read_bytes())
+    (adapter / ADAPTER_CONFIG).write_text(text)
+    return adapter
+
+
+def _first_match(patterns: dict, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", "proj"):
+            return value
+    return default
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    changes=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=4),
+    extra=st.dictionaries(st.text(min_size=1, max_size=8), _JSON, max_size=2),
+)
+def test_fuzzed_adapter_configs_give_peft_deltas_or_a_checkpoint_error(
+    tmp_path_factory, fuzz_weights, changes, extra
+):
+    """Random JSON in each field (and random extra keys): the parser either refuses it with a
+    CheckpointError naming the config, or accepts it, and then the values it used are valid
+    (r a positive int matching the tensors, alpha finite in (0, 1e6], flags true/false/null)
+    and the delta is the one of a clean config holding just those values: scaling·B·A."""
+    weights = fuzz_weights
+    root = tmp_path_factory.mktemp("case")
+    config = {**extra, **_FUZZ_VALID, **changes}
+    adapter = _fuzz_adapter(root, weights, json.dumps(config))
+    try:
+        deltas = adapter_deltas(adapter, _FUZZ_BASE)
+    except CheckpointError as error:
+        assert str(error).startswith(str(adapter)), str(error)
+        event("refused")
+        return
+    event("accepted")
+    # accepted: the values it must have used are valid
+    rank = _first_match(config.get("rank_pattern") or {}, config["r"])
+    alpha = _first_match(config.get("alpha_pattern") or {}, config["lora_alpha"])
+    assert type(rank) is int and rank == 2, config
+    assert type(alpha) in (int, float) and math.isfinite(alpha) and 0 < alpha <= 1e6, config
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        assert config.get(flag) in (True, False, None), config
+    assert config["peft_type"] == "LORA" and not config.get("use_dora"), config
+    # ... and the delta is the one of a clean config with those values
+    clean = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": alpha,
+        "use_rslora": bool(config.get("use_rslora")),
+    }
+    clean_adapter = _fuzz_adapter(root / "clean", weights, json.dumps(clean))
+    expected = adapter_deltas(clean_adapter, _FUZZ_BASE)
+    (name,) = deltas
+    got, want = deltas[name], expected[name]
+    assert got.scaling == want.scaling == alpha / (math.sqrt(2) if clean["use_rslora"] else 2)
+    assert np.array_equal(got.left, _FUZZ_B) and np.array_equal(got.right, _FUZZ_A)  # plain B·A
+    assert np.array_equal(want.left, got.left) and np.array_equal(want.right, got.right)
