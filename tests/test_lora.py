@@ -906,6 +906,23 @@ def test_negate_lora_scale_refused(tmp_path, plain, scale, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_lora_factors_beyond_memory_are_one_error(tmp_path, plain, monkeypatch):
+    """negate/arithmetic hold each module's factors whole in fp32: running out of memory there
+    is a CheckpointError naming the module, not a MemoryError traceback."""
+    from sku_fast.engine import adapter as lora
+    from sku_fast.engine.arithmetic import negate
+
+    def out_of_memory(raw, entry):
+        raise MemoryError
+
+    monkeypatch.setattr(lora, "to_float", out_of_memory)
+    pattern = r"adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj': its "
+    pattern += r"LoRA factors take 768 bytes and 768 bytes in fp32, more than fits in memory"
+    with pytest.raises(CheckpointError, match=pattern):
+        negate(plain.base_dir, plain.adapter_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- streaming
 
 

@@ -336,16 +336,24 @@ def adapter_deltas(
     orientations = check_against_base(adapter, base)
     out: dict[str, LowRankDelta | ReplacedTensor] = {}
     for name, mod in adapter.modules.items():
-        a, b = (
-            to_float(read_tensor_bytes(adapter.tensors[k]), adapter.tensors[k])
-            for k in (mod.a, mod.b)
-        )
-        left, right = (a.T, b.T) if orientations[name] else (b, a)  # [rows, r], [r, cols]
-        out[name] = LowRankDelta(
-            left=np.ascontiguousarray(left, dtype=np.float32),
-            right=np.ascontiguousarray(right, dtype=np.float32),
-            scaling=float(mod.scaling),
-        )
+        # the engine's low-rank terms hold both factors whole, in fp32
+        try:
+            a, b = (
+                to_float(read_tensor_bytes(adapter.tensors[k]), adapter.tensors[k])
+                for k in (mod.a, mod.b)
+            )
+            left, right = (a.T, b.T) if orientations[name] else (b, a)  # [rows, r], [r, cols]
+            out[name] = LowRankDelta(
+                left=np.ascontiguousarray(left, dtype=np.float32),
+                right=np.ascontiguousarray(right, dtype=np.float32),
+                scaling=float(mod.scaling),
+            )
+        except MemoryError:
+            sizes = " and ".join(f"{adapter.tensors[k].numel * 4} bytes" for k in (mod.a, mod.b))
+            raise CheckpointError(
+                f"{adapter.weights.path}: module {mod.module!r}: its LoRA factors take {sizes} "
+                "in fp32, more than fits in memory"
+            ) from None
     for name, key in adapter.replaced.items():
         out[name] = ReplacedTensor(path=str(adapter.weights.path), name=key)
     return out
