@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -124,6 +125,8 @@ CORPUS = {
         raw_file({"__metadata__": {"format": 1}}, b""),
         r"__metadata__ value of \"format\"",
     ),
+    "no_tensors": (raw_file(b"{}", b""), r"holds no tensors; not a model checkpoint"),
+    "metadata_only": (raw_file({"__metadata__": {"format": "pt"}}, b""), r"holds no tensors"),
     "git_lfs_pointer": (
         b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 538970112\n",
         r"is a Git LFS pointer file, not the weights",
@@ -353,11 +356,38 @@ def test_bad_arguments_are_value_errors(tmp_path):
         negate(base, base, tmp_path / "out", dtype="int8")
     with pytest.raises(ValueError, match=r"threads must be at least 1, got 0"):
         negate(base, base, tmp_path / "out", threads=0)
-    with pytest.raises(ValueError, match=r"weight of scale must be finite, got inf"):
-        negate(base, base, tmp_path / "out", scale=float("inf"))
     with pytest.raises(ValueError, match=r"needs at least one"):
         task_arithmetic(base, [], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "scale, message",
+    [
+        (float("inf"), r"scale must be finite, got inf"),
+        (float("nan"), r"scale must be finite, got nan"),
+        (1e39, r"scale must be at most 1000, got 1e\+39: larger weights are not meaningful"),
+        (-0.5, r"scale must be positive, got -0\.5: .*a negative λ would add it.*`sku-fast arith"),
+        (0, r"scale must be positive, got 0"),
+    ],
+)
+def test_negation_scale_is_finite_positive_and_bounded(tmp_path, scale, message):
+    """λ = 1e39 used to write inf everywhere; a negative λ silently added the task vector."""
+    base = write_good(tmp_path / "base.safetensors")
+    with pytest.raises(ValueError, match=message):
+        negate(base, base, tmp_path / "out", scale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+@pytest.mark.parametrize("weight", [1e39, -1001.0, float("-inf"), float("nan")])
+def test_arithmetic_weights_are_finite_and_bounded(tmp_path, weight):
+    base = write_good(tmp_path / "base.safetensors")
+    tuned = write_good(tmp_path / "tuned.safetensors")
+    pattern = rf"weight of {tuned} must be (finite|in \[-1000, 1000\]), got "
+    with pytest.raises(ValueError, match=pattern):
+        task_arithmetic(base, [(tuned, 0.5), (tuned, weight)], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "tuned.safetensors"]
+    task_arithmetic(base, [(tuned, -1000.0), (tuned, 1000)], tmp_path / "out")  # the bounds
 
 
 def test_missing_inputs_refused(tmp_path):
@@ -490,3 +520,532 @@ def test_mutated_headers_only_raise_checkpoint_error(tmp_path, content):
     out = tmp_path / "out"
     with contextlib.suppress(CheckpointError):
         negate(path, path, out, overwrite=True)
+
+
+# --- the engine commands on hostile inputs: one line `Error: ...`, exit 1, nothing left behind ---
+
+LORA_A, LORA_B = "base_model.model.a.lora_A.weight", "base_model.model.a.lora_B.weight"
+ADAPTER_CONFIG = {"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["a"]}
+
+
+def engine_inputs(root: Path) -> None:
+    """base/ (config.json + model.safetensors), tuned.safetensors and adapter/ (a rank-1 LoRA
+    adapter on the base's "a" [2, 3]), all written by hand."""
+    base = root / "base"
+    base.mkdir()
+    header = with_tensors(
+        **{"a.weight": tensor("F32", [2, 3], 0, 24), "b": tensor("F32", [4], 24, 40)}
+    )
+    write_good(base / "model.safetensors", header)
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    write_good(root / "tuned.safetensors", header, GOOD_DATA[::-1])
+    adapter = root / "adapter"
+    adapter.mkdir()
+    header = {LORA_A: tensor("F32", [1, 3], 0, 12), LORA_B: tensor("F32", [2, 1], 12, 20)}
+    data = struct.pack("<5f", 0.5, -1, 2, 0.25, 3)
+    (adapter / "adapter_model.safetensors").write_bytes(raw_file(header, data))
+    (adapter / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))
+
+
+def _chmod(path: str, mode: int):
+    return lambda root: (root / path).chmod(mode)
+
+
+def _fifo(path: str):
+    return lambda root: os.mkfifo(root / path)
+
+
+def _replace_with(path: str, make):
+    def setup(root: Path) -> None:
+        target = root / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        make(target)
+
+    return setup
+
+
+def _config(**changes):
+    return lambda root: (root / "adapter/adapter_config.json").write_text(
+        json.dumps(ADAPTER_CONFIG | changes)
+    )
+
+
+def _config_bytes(content: bytes):
+    return lambda root: (root / "adapter/adapter_config.json").write_bytes(content)
+
+
+def _file(path: str, content: bytes = b"x"):
+    return lambda root: (root / path).write_bytes(content)
+
+
+def _dir(path: str):
+    return lambda root: (root / path).mkdir(parents=True)
+
+
+def _link(path: str, target: str):
+    return lambda root: (root / path).symlink_to(target)
+
+
+NEGATE = ["negate", "{base}", "{tuned}", "{out}"]
+NEGATE_ADAPTER = ["negate", "{base}", "{adapter}", "{out}"]
+NEGATE_LORA = ["negate-lora", "{adapter}", "{out}"]
+ARITHMETIC = ["arithmetic", "{base}", "{out}", "--add", "{tuned}:0.5"]
+# id -> (setup, command, message pattern after "Error: ", needs file permissions to bite)
+HOSTILE = {
+    "base_unreadable_file": (
+        _chmod("base/model.safetensors", 0),
+        NEGATE,
+        r"\S*base/model\.safetensors: cannot open: Permission denied",
+        True,
+    ),
+    "base_unreadable_folder": (
+        _chmod("base", 0),
+        NEGATE,
+        r"\S*base/model\.safetensors\.index\.json: cannot access: Permission denied",
+        True,
+    ),
+    "base_side_file_unreadable": (
+        _chmod("base/config.json", 0),
+        NEGATE,
+        r"\S*base/config\.json: cannot read: Permission denied",
+        True,
+    ),
+    "base_side_file_unreadable_arithmetic": (
+        _chmod("base/config.json", 0),
+        ARITHMETIC,
+        r"\S*base/config\.json: cannot read: Permission denied",
+        True,
+    ),
+    "tuned_unreadable_file": (
+        _chmod("tuned.safetensors", 0),
+        NEGATE,
+        r"\S*tuned\.safetensors: cannot open: Permission denied",
+        True,
+    ),
+    "tuned_in_a_locked_folder": (
+        lambda root: (
+            _dir("locked")(root),
+            _file("locked/t.safetensors", GOOD)(root),
+            _chmod("locked", 0)(root),
+        ),
+        ["negate", "{base}", "{root}/locked/t.safetensors", "{out}"],
+        r"\S*locked/t\.safetensors: (cannot access: )?Permission denied",
+        True,
+    ),  # fmt: skip
+    "adapter_config_unreadable": (
+        _chmod("adapter/adapter_config.json", 0),
+        NEGATE_LORA,
+        r"\S*adapter/adapter_config\.json: cannot read: Permission denied",
+        True,
+    ),
+    "adapter_config_unreadable_negate": (
+        _chmod("adapter/adapter_config.json", 0),
+        NEGATE_ADAPTER,
+        r"\S*adapter/adapter_config\.json: cannot read: Permission denied",
+        True,
+    ),
+    "adapter_weights_unreadable": (
+        _chmod("adapter/adapter_model.safetensors", 0),
+        NEGATE_LORA,
+        r"\S*adapter/adapter_model\.safetensors: cannot open: Permission denied",
+        True,
+    ),
+    "adapter_weights_unreadable_negate": (
+        _chmod("adapter/adapter_model.safetensors", 0),
+        NEGATE_ADAPTER,
+        r"\S*adapter/adapter_model\.safetensors: cannot open: Permission denied",
+        True,
+    ),
+    "adapter_folder_unreadable": (
+        _chmod("adapter", 0),
+        NEGATE_LORA,
+        r"\S*adapter/adapter_config\.json: cannot access: Permission denied",
+        True,
+    ),
+    "adapter_folder_unreadable_negate": (
+        _chmod("adapter", 0),
+        NEGATE_ADAPTER,
+        r"\S*adapter/model\.safetensors\.index\.json: cannot access: Permission denied",
+        True,
+    ),
+    "out_on_a_read_only_folder": (
+        lambda root: (_dir("ro")(root), _chmod("ro", 0o555)(root)),
+        ["negate", "{base}", "{tuned}", "{root}/ro/out"],
+        r"\S*ro/out: cannot write the output: Permission denied",
+        True,
+    ),
+    "out_on_a_read_only_folder_negate_lora": (
+        lambda root: (_dir("ro")(root), _chmod("ro", 0o555)(root)),
+        ["negate-lora", "{adapter}", "{root}/ro/out"],
+        r"\S*ro/out: cannot write the output: Permission denied",
+        True,
+    ),
+    "out_on_a_read_only_folder_arithmetic": (
+        lambda root: (_dir("ro")(root), _chmod("ro", 0o555)(root)),
+        ["arithmetic", "{base}", "{root}/ro/deep/out", "--add", "{tuned}:0.5"],
+        r"\S*ro/deep/out: cannot write the output: Permission denied",
+        True,
+    ),
+    # a directory where a file is expected
+    "base_weights_are_a_directory": (
+        _replace_with("base/model.safetensors", Path.mkdir),
+        NEGATE,
+        r"\S*base/model\.safetensors: is a directory, expected a file",
+        False,
+    ),
+    "base_index_is_a_directory": (
+        _dir("base/model.safetensors.index.json"),
+        NEGATE,
+        r"\S*base/model\.safetensors\.index\.json: is a directory, expected a file",
+        False,
+    ),
+    "shard_is_a_directory": (
+        lambda root: (
+            _file(
+                "base/model.safetensors.index.json",
+                b'{"weight_map": {"a": "s.safetensors", "b": "s.safetensors"}}',
+            )(root),
+            _dir("base/s.safetensors")(root),
+        ),
+        NEGATE,
+        r"\S*base/s\.safetensors: is a directory, expected a file",
+        False,
+    ),  # fmt: skip
+    "adapter_config_is_a_directory": (
+        _replace_with("adapter/adapter_config.json", Path.mkdir),
+        NEGATE_LORA,
+        r"\S*adapter/adapter_config\.json: is a directory, expected a file \(the adapter config\)",
+        False,
+    ),
+    "adapter_weights_are_a_directory": (
+        _replace_with("adapter/adapter_model.safetensors", Path.mkdir),
+        NEGATE_ADAPTER,
+        r"\S*adapter/adapter_model\.safetensors: is a directory, expected a file",
+        False,
+    ),
+    "tuned_below_a_file": (
+        None,
+        ["negate", "{base}", "{tuned}/x", "{out}"],
+        r"\S*tuned\.safetensors/x: no such file or directory",
+        False,
+    ),
+    # FIFOs and devices: refused without opening them (opening a FIFO would block)
+    "base_is_a_fifo": (
+        _fifo("pipe"),
+        ["negate", "{root}/pipe", "{tuned}", "{out}"],
+        r"\S*pipe: not a regular file or directory \(a FIFO, device or socket\)",
+        False,
+    ),
+    "tuned_is_a_fifo": (
+        _fifo("pipe"),
+        ["arithmetic", "{base}", "{out}", "--add", "{root}/pipe:1"],
+        r"\S*pipe: not a regular file or directory \(a FIFO, device or socket\)",
+        False,
+    ),
+    "base_is_dev_zero": (
+        None,
+        ["negate", "/dev/zero", "{tuned}", "{out}"],
+        r"/dev/zero: not a regular file or directory \(a FIFO, device or socket\)",
+        False,
+    ),
+    "tuned_links_to_dev_zero": (
+        _link("zero.safetensors", "/dev/zero"),
+        ["negate", "{base}", "{root}/zero.safetensors", "{out}"],
+        r"\S*zero\.safetensors: not a regular file or directory",
+        False,
+    ),
+    "base_weights_are_dev_zero": (
+        _replace_with("base/model.safetensors", lambda p: p.symlink_to("/dev/zero")),
+        NEGATE,
+        r"\S*base/model\.safetensors: not a regular file \(a FIFO, device or socket\)",
+        False,
+    ),
+    "adapter_is_a_fifo": (
+        _fifo("pipe"),
+        ["negate-lora", "{root}/pipe", "{out}"],
+        r"\S*pipe: not a directory; a PEFT adapter is a directory",
+        False,
+    ),
+    "adapter_is_dev_zero": (
+        None,
+        ["negate-lora", "/dev/zero", "{out}"],
+        r"/dev/zero: not a directory; a PEFT adapter is a directory",
+        False,
+    ),
+    "adapter_config_is_a_fifo": (
+        _replace_with("adapter/adapter_config.json", os.mkfifo),
+        NEGATE_ADAPTER,
+        r"\S*adapter_config\.json: not a regular file \(a FIFO, device or socket\)",
+        False,
+    ),
+    "adapter_weights_are_a_fifo": (
+        _replace_with("adapter/adapter_model.safetensors", os.mkfifo),
+        NEGATE_LORA,
+        r"\S*adapter_model\.safetensors: not a regular file \(a FIFO, device or socket\)",
+        False,
+    ),
+    "adapter_weights_are_dev_zero": (
+        _replace_with("adapter/adapter_model.safetensors", lambda p: p.symlink_to("/dev/zero")),
+        NEGATE_ADAPTER,
+        r"\S*adapter_model\.safetensors: not a regular file \(a FIFO, device or socket\)",
+        False,
+    ),
+    "lora_base_is_a_fifo": (
+        _fifo("pipe"),
+        ["negate-lora", "{adapter}", "{out}", "--base", "{root}/pipe"],
+        r"\S*pipe: not a regular file or directory \(a FIFO, device or socket\)",
+        False,
+    ),
+    "lora_base_is_dev_zero": (
+        None,
+        ["negate-lora", "{adapter}", "{out}", "--base", "/dev/zero"],
+        r"/dev/zero: not a regular file or directory",
+        False,
+    ),
+    # adapter_config.json that is not UTF-8 / not an object / not JSON
+    "adapter_config_not_utf8": (
+        _config_bytes(b'{"peft_type": "\xc3\x28"}'),
+        NEGATE_LORA,
+        r"\S*adapter_config\.json: not UTF-8 text \(invalid continuation byte at byte 15\)",
+        False,
+    ),
+    "adapter_config_not_an_object": (
+        _config_bytes(b'"LORA"'),
+        NEGATE_ADAPTER,
+        r"\S*adapter_config\.json: adapter config is not a JSON object \(got str\)",
+        False,
+    ),
+    "adapter_config_empty": (
+        _config_bytes(b""),
+        NEGATE_LORA,
+        r"\S*adapter_config\.json: invalid JSON: Expecting value at line 1 column 1",
+        False,
+    ),
+    "adapter_config_nan_literal": (
+        _config_bytes(b'{"peft_type": "LORA", "r": 1, "lora_alpha": NaN}'),
+        NEGATE_ADAPTER,
+        r"\S*adapter_config\.json: lora_alpha is NaN: not a finite number",
+        False,
+    ),
+    # OUT
+    "out_below_a_file": (
+        _file("afile"),
+        ["negate", "{base}", "{tuned}", "{root}/afile/out"],
+        r"output \S*afile/out: \S*afile is not a folder",
+        False,
+    ),
+    "out_below_a_file_negate_lora": (
+        _file("afile"),
+        ["negate-lora", "{adapter}", "{root}/afile/deep/out"],
+        r"output \S*afile/deep/out: \S*afile is not a folder",
+        False,
+    ),
+    "out_below_a_file_arithmetic": (
+        _file("afile"),
+        ["arithmetic", "{base}", "{root}/afile/out", "--add", "{tuned}:0.5"],
+        r"output \S*afile/out: \S*afile is not a folder",
+        False,
+    ),
+    "out_name_too_long": (
+        None,
+        ["negate", "{base}", "{tuned}", "{root}/" + "o" * 300],
+        r"output name o{40}\.\.\. is 300 bytes; file systems allow 255: choose a shorter name",
+        False,
+    ),
+    "out_name_too_long_negate_lora": (
+        None,
+        ["negate-lora", "{adapter}", "{root}/" + "é" * 128],
+        r"output name é{40}\.\.\. is 256 bytes; file systems allow 255",
+        False,
+    ),
+    # numbers: finite, |w| ≤ 1000, λ > 0
+    "scale_1e39": (
+        None,
+        [*NEGATE, "--scale", "1e39"],
+        r"scale must be at most 1000, got 1e\+39: larger weights are not meaningful task-vector "
+        r"weights \(λ is usually 0\.1–10\) and overflow half-precision outputs",
+        False,
+    ),
+    "scale_nan": (None, [*NEGATE, "--scale", "nan"], r"scale must be finite, got nan", False),
+    "scale_negative": (
+        None,
+        [*NEGATE_ADAPTER, "--scale", "-0.5"],
+        r"scale must be positive, got -0\.5: .* use `sku-fast arithmetic BASE OUT --add "
+        r"TUNED:WEIGHT` \(task_arithmetic\)",
+        False,
+    ),
+    "scale_zero": (None, [*NEGATE, "--scale", "0"], r"scale must be positive, got 0", False),
+    "lora_scale_1e39": (
+        None,
+        [*NEGATE_LORA, "--scale", "1e39"],
+        r"scale must be at most 1000, got 1e\+39",
+        False,
+    ),
+    "lora_scale_negative": (
+        None,
+        [*NEGATE_LORA, "--scale", "-1"],
+        r"scale must be positive, got -1",
+        False,
+    ),
+    "lora_scale_infinite": (
+        None,
+        [*NEGATE_LORA, "--scale", "inf"],
+        r"scale must be finite, got inf",
+        False,
+    ),
+    "add_weight_1e39": (
+        None,
+        ["arithmetic", "{base}", "{out}", "--add", "{tuned}:1e39"],
+        r"weight of \S*tuned\.safetensors must be in \[-1000, 1000\], got 1e\+39: larger weights",
+        False,
+    ),
+    "add_weight_minus_infinity": (
+        None,
+        ["arithmetic", "{base}", "{out}", "--add", "{tuned}:-inf"],
+        r"weight of \S*tuned\.safetensors must be finite, got -inf",
+        False,
+    ),
+    "add_adapter_weight_nan": (
+        None,
+        ["arithmetic", "{base}", "{out}", "--add", "{adapter}:nan"],
+        r"weight of \S*adapter must be finite, got nan",
+        False,
+    ),
+}
+# adapter_config.json with a wrong type in each field the engine reads, through both commands
+WRONG_TYPES = {
+    "peft_type": (5, r"peft_type is 5; only LoRA adapters are supported"),
+    "r": ("1", r"r must be a positive integer, got '1'"),
+    "lora_alpha": ([2], r"lora_alpha must be a number, got \[2\]"),
+    "use_rslora": ("yes", r"use_rslora must be true or false, got 'yes'"),
+    "fan_in_fan_out": (0, r"fan_in_fan_out must be true or false, got 0"),
+    "use_dora": ("false", r"use_dora must be true or false, got 'false'"),
+    "use_qalora": (1, r"use_qalora must be true or false, got 1"),
+    "lora_bias": ("no", r"lora_bias must be true or false, got 'no'"),
+    "rank_pattern": ("a", r"rank_pattern must map module patterns to values, got 'a'"),
+    "alpha_pattern": ([1], r"alpha_pattern must map module patterns to values, got \[1\]"),
+    "init_lora_weights": (1.5, r"init_lora_weights must be true, false or the name of an init"),
+}
+for field, (value, message) in WRONG_TYPES.items():
+    for command, name in ((NEGATE_LORA, "negate_lora"), (NEGATE_ADAPTER, "negate")):
+        HOSTILE[f"config_{field}_{name}"] = (
+            _config(**{field: value}),
+            command,
+            r"\S*adapter/adapter_config\.json: " + message,
+            False,
+        )
+
+
+def _drop_file_permission_override() -> None:
+    """In the child before exec: root's powers over file permissions (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) leave the bounding set, so the command meets permissions as any user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root: its kind, mode and size, and its bytes' digest when readable."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = path.lstat()
+            entry = (st.st_mode, st.st_size)
+            if path.is_file() and not path.is_symlink() and os.access(path, os.R_OK):
+                entry += (hashlib.sha256(path.read_bytes()).hexdigest(),)
+            out[str(path.relative_to(root))] = entry
+    return out
+
+
+def run_engine_command(args: list[str], unprivileged: bool) -> tuple[int, str]:
+    """(exit status, everything printed) of `sku-fast ARGS`: in-process, or in a subprocess
+    that cannot override file permissions even as root."""
+    if not unprivileged:
+        from click.testing import CliRunner
+
+        from sku_fast.cli import main
+
+        result = CliRunner().invoke(main, args)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception  # a traceback: fails the test with it
+        return result.exit_code, result.output
+    import sku_fast
+
+    env = dict(os.environ, PYTHONPATH=str(Path(sku_fast.__file__).parents[1]))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "from sku_fast.cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            preexec_fn=_drop_file_permission_override if os.geteuid() == 0 else None,
+        )
+    except subprocess.SubprocessError as error:
+        pytest.skip(f"cannot drop root's permission override here: {error}")
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_engine_commands_refuse_hostile_inputs_in_one_line(tmp_path, case):
+    setup, command, pattern, unprivileged = HOSTILE[case]
+    root = tmp_path / "inputs"
+    root.mkdir()
+    engine_inputs(root)
+    if setup is not None:
+        setup(root)
+    paths = {
+        "root": root,
+        "base": root / "base",
+        "tuned": root / "tuned.safetensors",
+        "adapter": root / "adapter",
+        "out": root / "out",
+    }
+    args = [arg.format(**paths) for arg in command] + ["--quiet"]  # no progress bar
+    before = snapshot(root)
+    try:
+        status, printed = run_engine_command(args, unprivileged)
+    finally:
+        for folder, dirs, files in os.walk(root):  # give pytest its files back
+            for name in dirs + files:
+                path = Path(folder) / name
+                if not path.is_symlink():
+                    path.chmod(0o755 if path.is_dir() else 0o644)
+    lines = printed.strip().splitlines()
+    assert status == 1 and len(lines) == 1, printed
+    assert re.match(r"Error: " + pattern, lines[0]), lines[0]
+    assert "Traceback" not in printed
+    after = snapshot(root)
+    for path in set(before) | set(after):  # nothing added, nothing changed but the modes reset
+        assert path in before and path in after, path
+        assert before[path][1:] == after[path][1:] or len(before[path]) == 2, path
+
+
+def test_a_250_character_output_name_works(tmp_path):
+    """Long, but within NAME_MAX: written (temporaries fit too), nothing else left."""
+    engine_inputs(tmp_path)
+    out = tmp_path / ("o" * 250)
+    for args in (
+        ["negate", tmp_path / "base", tmp_path / "adapter", out, "-q"],
+        ["negate-lora", tmp_path / "adapter", out, "-q", "--overwrite"],
+    ):
+        status, printed = run_engine_command([str(a) for a in args], unprivileged=False)
+        assert status == 0 and printed == "", printed
+        assert out.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["adapter", "base", "tuned.safetensors", out.name]
+    )
+
+
+def test_absurd_thread_counts_are_usage_errors(tmp_path):
+    engine_inputs(tmp_path)
+    args = ["negate", tmp_path / "base", tmp_path / "tuned.safetensors", tmp_path / "out"]
+    status, printed = run_engine_command([*map(str, args), "--threads", "10**11"], False)
+    assert status == 2 and "Traceback" not in printed
+    status, printed = run_engine_command([*map(str, args), "--threads", str(10**11)], False)
+    assert status == 2 and "is not in the range 1<=x<=4096" in printed, printed
+    assert not (tmp_path / "out").exists()

@@ -183,6 +183,11 @@ BAD_INDEXES = {
     "no_weight_map": ({"metadata": {}}, r'needs a "weight_map"'),
     "duplicate_key": ('{"weight_map": {}, "weight_map": {}}', r"duplicate key 'weight_map'"),
     "invalid_json": ("{not json", r"invalid JSON"),
+    "empty_weight_map": (
+        {"metadata": {}, "weight_map": {}},
+        r"index\.json: the weight_map is empty",
+    ),
+    "nested_too_deep": ('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}", r"invalid JSON"),
 }
 
 
@@ -191,6 +196,31 @@ def test_bad_index_refused(tmp_path, case):
     index, pattern = BAD_INDEXES[case]
     root = write_sharded(tmp_path / "m", SHARDS, index=index)
     with pytest.raises(CheckpointError, match=pattern):
+        open_checkpoint(root)
+
+
+@pytest.mark.parametrize("layout", ["file", "directory", "other_name"])
+@pytest.mark.parametrize("header", [b"{}", b'{"__metadata__": {"format": "pt"}}'])
+def test_checkpoint_without_tensors_refused(tmp_path, layout, header):
+    """A header with no tensors is valid safetensors, but not a model: negating or merging it
+    would write an empty model without a word."""
+    name = "weights.safetensors" if layout == "other_name" else "model.safetensors"
+    path = tmp_path / name
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(
+        CheckpointError, match=rf"^{path}: holds no tensors; not a model checkpoint"
+    ):
+        open_checkpoint(path if layout == "file" else tmp_path)
+
+
+def test_unreadable_index_is_one_error(tmp_path, monkeypatch):
+    root = write_sharded(tmp_path / "m", SHARDS)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(CheckpointError, match=r"index\.json: cannot read: Permission denied"):
         open_checkpoint(root)
 
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import llama_config
@@ -67,7 +72,19 @@ class Case:
     expected: set[str]  # base tensor names the adapter changes
 
 
-def _build(root: Path, make_model, lora: LoraConfig, adapter_name: str = "default", seed=0) -> Case:
+def _build(
+    root: Path,
+    make_model,
+    lora: LoraConfig,
+    adapter_name: str = "default",
+    seed=0,
+    config_edits: dict | None = None,
+) -> Case:
+    """The oracle is PEFT's merge of the files as saved, loaded from disk: what the files mean
+    to PEFT. (It differs from the in-memory merge when patterns overlap: PEFT saves
+    rank_pattern / alpha_pattern with sorted keys, and the first matching key wins.) With
+    `config_edits`, the saved adapter_config.json is edited afterwards, as by another tool or
+    by hand."""
     torch.manual_seed(seed)
     model = make_model()
     base_dir, adapter_root = root / "base", root / "adapter"
@@ -80,8 +97,21 @@ def _build(root: Path, make_model, lora: LoraConfig, adapter_name: str = "defaul
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     peft_model.save_pretrained(adapter_root)
-    merged = peft_model.merge_and_unload().state_dict()
-    merged = {k: merged[k].detach().clone() for k in base}
+    in_memory = peft_model.merge_and_unload().state_dict()
+    # PEFT saves an adapter not named "default" in a subfolder, and loads it from there
+    saved = adapter_root if adapter_name == "default" else adapter_root / adapter_name
+    if config_edits:
+        (config_path,) = adapter_root.rglob(ADAPTER_CONFIG)
+        config = json.loads(config_path.read_text())
+        assert all(config.get(k) != v for k, v in config_edits.items())  # really an edit
+        config_path.write_text(json.dumps(config | config_edits))
+        with pytest.warns(UserWarning, match="fan_in_fan_out is set to"):  # PEFT overrides it
+            merged = _peft_merge(base_dir, saved, make_model)
+        for k in base:  # PEFT ignores the edited flag: its merge is the one before the edit
+            assert torch.equal(merged[k], in_memory[k]), k
+    else:
+        merged = _peft_merge(base_dir, saved, make_model)
+    merged = {k: merged[k].clone() for k in base}
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     return Case(base_dir, adapter_root, base, merged, changed)
 
@@ -177,6 +207,49 @@ CASES = {
         "default",
         {"lm_head.weight"} | {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)},
     ),
+    # fan_in_fan_out set on Llama's nn.Linear layers (square q_proj/o_proj [48, 48]): PEFT
+    # warns and merges B·A untransposed; the engine reads "llama" from the base's config.json
+    "llama_fan_in_fan_out_set_wrongly": (
+        _llama,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"]),
+        "default",
+        {
+            f"model.layers.{i}.self_attn.{m}.weight"
+            for i in (0, 1)
+            for m in ("q_proj", "k_proj", "o_proj")
+        },
+        {"fan_in_fan_out": True},
+    ),
+    # fan_in_fan_out cleared on GPT-2's Conv1D layers: PEFT warns and transposes anyway
+    "gpt2_fan_in_fan_out_cleared": (
+        _gpt2,
+        dict(r=3, lora_alpha=5, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+        "default",
+        {
+            f"transformer.h.{i}.{m}.weight"
+            for i in (0, 1)
+            for m in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")
+        },
+        {"fan_in_fan_out": False},
+    ),
+    "gpt2_rslora_with_patterns": (
+        _gpt2,
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            rank_pattern={r"h\.0\.attn\.c_attn": 2, "c_fc": 6},
+            alpha_pattern={"mlp.c_proj": 3, "c_proj": 11.5},
+        ),
+        "default",
+        {
+            f"transformer.h.{i}.{m}.weight"
+            for i in (0, 1)
+            for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        },
+    ),
 }
 
 
@@ -185,9 +258,13 @@ NEEDS_BASE = {"modules_to_save", "trained_biases"}  # adapters with tensors stor
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory) -> tuple[str, Case]:
-    make_model, kwargs, adapter_name, expected = CASES[request.param]
+    make_model, kwargs, adapter_name, expected, *edits = CASES[request.param]
     built = _build(
-        tmp_path_factory.mktemp(request.param), make_model, LoraConfig(**kwargs), adapter_name
+        tmp_path_factory.mktemp(request.param),
+        make_model,
+        LoraConfig(**kwargs),
+        adapter_name,
+        config_edits=edits[0] if edits else None,
     )
     assert built.expected == expected  # the randomised adapter really changes exactly these
     return request.param, built
@@ -196,7 +273,7 @@ def case(request, tmp_path_factory) -> tuple[str, Case]:
 def test_deltas_match_peft_merge(case):
     """(a) scaling·left@right == merged − base for every adapted tensor, others untouched."""
     name, c = case
-    deltas = adapter_deltas(c.adapter_dir, _shapes(c))
+    deltas = adapter_deltas(c.adapter_dir, c.base_dir)
     assert set(deltas) == c.expected
     for key, base in c.base.items():
         d = deltas.get(key)
@@ -221,7 +298,7 @@ def test_scalings_follow_config(tmp_path_factory):
     """Scalings by hand: rank/alpha patterns (first match wins) and rsLoRA's alpha/sqrt(r)."""
     make_model, kwargs, _, _ = CASES["rank_and_alpha_pattern"]
     c = _build(tmp_path_factory.mktemp("scal"), make_model, LoraConfig(**kwargs))
-    s = {k: v.scaling for k, v in adapter_deltas(c.adapter_dir, _shapes(c)).items()}
+    s = {k: v.scaling for k, v in adapter_deltas(c.adapter_dir, c.base_dir).items()}
     layer = "model.layers.{}.{}.weight".format
     assert s[layer(0, "self_attn.q_proj")] == 8 / 2
     assert s[layer(1, "self_attn.q_proj")] == 8 / 4
@@ -231,7 +308,7 @@ def test_scalings_follow_config(tmp_path_factory):
 
     make_model, kwargs, name, _ = CASES["use_rslora_named_adapter"]
     c = _build(tmp_path_factory.mktemp("rs"), make_model, LoraConfig(**kwargs), name)
-    assert {v.scaling for v in adapter_deltas(c.adapter_dir, _shapes(c)).values()} == {
+    assert {v.scaling for v in adapter_deltas(c.adapter_dir, c.base_dir).values()} == {
         16 / math.sqrt(8)
     }
 
@@ -243,8 +320,8 @@ def test_named_adapter_folder(case):
     assert is_adapter_dir(c.adapter_dir) and not is_adapter_dir(c.base_dir)
     if name == "use_rslora_named_adapter":
         assert [d.name for d in sub] == ["harm"] and not (c.adapter_dir / ADAPTER_CONFIG).exists()
-        direct = adapter_deltas(sub[0], _shapes(c))
-        via_parent = adapter_deltas(c.adapter_dir, _shapes(c))
+        direct = adapter_deltas(sub[0], c.base_dir)
+        via_parent = adapter_deltas(c.adapter_dir, c.base_dir)
         assert set(direct) == set(via_parent) == c.expected
         for k in direct:
             assert np.array_equal(direct[k].left, via_parent[k].left)
@@ -266,7 +343,7 @@ def test_negate_lora_loads_in_peft_and_merges_to_negation(case, tmp_path, scale)
         torch.testing.assert_close(got[key], want, rtol=0, atol=3e-6, msg=key)
     # everything but lora_B / modules_to_save tensors is byte-identical to the input
     src, dst = load_file(_weights(c.adapter_dir)), load_file(out / ADAPTER_WEIGHTS)
-    deltas = adapter_deltas(c.adapter_dir, _shapes(c)).values()
+    deltas = adapter_deltas(c.adapter_dir, c.base_dir).values()
     replaced = {d.name for d in deltas if isinstance(d, ReplacedTensor)}
     assert bool(replaced) == (name in NEEDS_BASE)
     assert src.keys() == dst.keys()
@@ -366,11 +443,117 @@ def _bin_only(a: Path) -> None:
     (a / ADAPTER_WEIGHTS).rename(a / "adapter_model.bin")
 
 
+def _config_text(a: Path, old: str, new: str) -> None:
+    """Edit adapter_config.json as text (for what json.dumps would not write)."""
+    text = (a / ADAPTER_CONFIG).read_text()
+    assert old in text
+    (a / ADAPTER_CONFIG).write_text(text.replace(old, new, 1))
+
+
+def _replace(path: Path, make) -> None:
+    path.unlink()
+    make(path)
+
+
+def _without(key: str):
+    def edit(a: Path) -> None:
+        config = json.loads((a / ADAPTER_CONFIG).read_text())
+        del config[key]
+        (a / ADAPTER_CONFIG).write_text(json.dumps(config))
+
+    return edit
+
+
+# adapter_config.json values refused where they enter: (field, value, message after the path)
+BAD_CONFIG_VALUES = {
+    "alpha_nan": ("lora_alpha", float("nan"), r"lora_alpha is NaN: not a finite number"),
+    "alpha_infinity": ("lora_alpha", float("inf"), r"lora_alpha is Infinity: not a finite"),
+    "alpha_minus_infinity": ("lora_alpha", -float("inf"), r"lora_alpha is -Infinity: not a"),
+    "alpha_1e39": (
+        "lora_alpha",
+        1e39,
+        r"lora_alpha must be positive and at most 1e\+06, got 1e\+39: LoRA alphas are small",
+    ),
+    "alpha_huge_int": ("lora_alpha", 10**400, r"lora_alpha must be positive and at most 1e\+06"),
+    "alpha_zero": ("lora_alpha", 0, r"lora_alpha must be positive and at most 1e\+06, got 0"),
+    "alpha_negative": ("lora_alpha", -8, r"lora_alpha must be positive .*, got -8"),
+    "alpha_string": ("lora_alpha", "8", r"lora_alpha must be a number, got '8'"),
+    "alpha_bool": ("lora_alpha", True, r"lora_alpha must be a number, got True"),
+    "alpha_null": ("lora_alpha", None, r"lora_alpha must be a number, got None"),
+    "r_fraction": ("r", 4.5, r"r must be a positive integer, got 4\.5"),
+    "r_float": ("r", 4.0, r"r must be a positive integer, got 4\.0"),
+    "r_negative": ("r", -4, r"r must be a positive integer, got -4"),
+    "r_string": ("r", "4", r"r must be a positive integer, got '4'"),
+    "r_bool": ("r", True, r"r must be a positive integer, got True"),
+    "rank_pattern_fraction": (
+        "rank_pattern",
+        {"q_proj": 4.5},
+        r"rank_pattern\['q_proj'\] must be a positive integer, got 4\.5",
+    ),
+    "rank_pattern_zero": (
+        "rank_pattern",
+        {"q_proj": 0},
+        r"rank_pattern\['q_proj'\] must be a positive integer, got 0",
+    ),
+    "rank_pattern_nan": (
+        "rank_pattern",
+        {"q_proj": float("nan")},
+        r"rank_pattern\['q_proj'\] is NaN",
+    ),
+    "rank_pattern_list": ("rank_pattern", ["q_proj"], r"rank_pattern must map module patterns"),
+    "rank_pattern_false": ("rank_pattern", False, r"rank_pattern must map module patterns"),
+    "rank_pattern_bad_regex": (
+        "rank_pattern",
+        {"q_proj(": 4},
+        r"rank_pattern pattern 'q_proj\(' is not a valid regular expression",
+    ),
+    "alpha_pattern_nan": (
+        "alpha_pattern",
+        {"q_proj": float("nan")},
+        r"alpha_pattern\['q_proj'\] is NaN: not a finite number",
+    ),
+    "alpha_pattern_negative": (
+        "alpha_pattern",
+        {"q_proj": -1},
+        r"alpha_pattern\['q_proj'\] must be positive and at most 1e\+06, got -1",
+    ),
+    "alpha_pattern_1e39": ("alpha_pattern", {"q_proj": 1e39}, r"alpha_pattern\['q_proj'\] must"),
+    "alpha_pattern_string": (
+        "alpha_pattern",
+        {"q_proj": "x"},
+        r"alpha_pattern\['q_proj'\] must be a number, got 'x'",
+    ),
+    "nan_in_an_unread_field": ("lora_dropout", float("nan"), r"lora_dropout is NaN"),
+    "nan_deep_inside": (
+        "eva_config",
+        {"a": [1, float("inf")]},
+        r"eva_config\['a'\]\[1\] is Infinity",
+    ),
+    "fan_in_fan_out_string": (
+        "fan_in_fan_out",
+        "false",
+        r"fan_in_fan_out must be true or false, got 'false'",
+    ),
+    "use_rslora_number": ("use_rslora", 1, r"use_rslora must be true or false, got 1"),
+    "use_dora_string": ("use_dora", "no", r"use_dora must be true or false, got 'no'"),
+    "peft_type_null": ("peft_type", None, r"peft_type is None; only LoRA adapters"),
+    "init_number": ("init_lora_weights", 3, r"init_lora_weights must be true, false or the name"),
+    "qalora": ("use_qalora", True, r"QA-LoRA adapter \(use_qalora=true\)"),
+    "alora": ("alora_invocation_tokens", [1, 2], r"activated LoRA \(alora_invocation_tokens\)"),
+    "velora": ("velora_config", {"r": 2}, r"VeLoRA adapter"),
+}
+
+
+def _set(field: str, value):
+    return lambda a: _edit_config(a, **{field: value})
+
+
 BAD_ADAPTERS = {
     "bin_only": (_bin_only, r"adapter_model\.bin: pickled \.bin adapters are not read"),
     "bad_json": (
         lambda a: (a / ADAPTER_CONFIG).write_text("{r: 4"),
-        r"adapter_config\.json: unreadable adapter config",
+        r"adapter_config\.json: invalid JSON: Expecting property name enclosed in double quotes "
+        r"at line 1 column 2",
     ),
     "not_lora": (lambda a: _edit_config(a, peft_type="IA3"), r"peft_type is 'IA3'"),
     "zero_rank": (lambda a: _edit_config(a, r=0), r"r must be a positive integer, got 0"),
@@ -402,6 +585,71 @@ BAD_ADAPTERS = {
         lambda a: (a / ADAPTER_WEIGHTS).write_text("version https://git-lfs.github.com/spec/v1\n"),
         r"adapter_model\.safetensors: is a Git LFS pointer file, not the weights",
     ),
+    **{
+        kind: (_set(field, value), r"adapter_config\.json: " + message)
+        for kind, (field, value, message) in BAD_CONFIG_VALUES.items()
+    },
+    "alpha_1e400_literal": (  # overflows to inf when parsed
+        lambda a: _config_text(a, '"lora_alpha": 8', '"lora_alpha": 1e400'),
+        r"adapter_config\.json: lora_alpha is 1e400: not a finite number",
+    ),
+    # ranks the tensors do not have: PEFT would fail to load the [4, 48] lora_A
+    "r_huge": (
+        _set("r", 10**30),
+        r"adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj': rank "
+        r"1000000000000000000000000000000 from the config",
+    ),
+    "rank_pattern_mismatch": (
+        _set("rank_pattern", {r"layers\.0\.self_attn\.q_proj": 2}),
+        r"adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj': rank 2 "
+        r"from the config \(r / rank_pattern\) but A is \[4, 48\]",
+    ),
+    "alpha_missing": (_without("lora_alpha"), r"adapter_config\.json: lora_alpha is missing"),
+    "r_missing": (_without("r"), r"adapter_config\.json: r is missing"),
+    "duplicate_key": (
+        lambda a: _config_text(a, '"r": 4', '"r": 4, "r": 8'),
+        r"adapter_config\.json: duplicate key 'r'",
+    ),
+    "not_utf8": (
+        lambda a: (a / ADAPTER_CONFIG).write_bytes(b'{"peft_type": "LORA\xff"}'),
+        r"adapter_config\.json: not UTF-8 text \(invalid start byte at byte 19\)",
+    ),
+    "not_an_object": (
+        lambda a: (a / ADAPTER_CONFIG).write_text("[1, 2]"),
+        r"adapter_config\.json: adapter config is not a JSON object \(got list\)",
+    ),
+    "nested_too_deep": (
+        lambda a: (a / ADAPTER_CONFIG).write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        r"adapter_config\.json: invalid JSON: maximum recursion depth exceeded",
+    ),
+    "config_too_large": (
+        lambda a: (a / ADAPTER_CONFIG).write_text('{"x": "' + "a" * (17 << 20) + '"}'),
+        r"adapter_config\.json: 17825801 bytes; an adapter config is a small JSON file",
+    ),
+    "config_is_a_directory": (
+        lambda a: _replace(a / ADAPTER_CONFIG, Path.mkdir),
+        r"adapter_config\.json: is a directory, expected a file \(the adapter config\)",
+    ),
+    "config_is_a_fifo": (
+        lambda a: _replace(a / ADAPTER_CONFIG, os.mkfifo),
+        r"adapter_config\.json: not a regular file \(a FIFO, device or socket\), expected a",
+    ),
+    "weights_are_a_directory": (
+        lambda a: _replace(a / ADAPTER_WEIGHTS, Path.mkdir),
+        r"adapter_model\.safetensors: is a directory, expected a file",
+    ),
+    "weights_are_a_fifo": (
+        lambda a: _replace(a / ADAPTER_WEIGHTS, os.mkfifo),
+        r"adapter_model\.safetensors: not a regular file \(a FIFO, device or socket\)",
+    ),
+    "weights_are_dev_zero": (
+        lambda a: _replace(a / ADAPTER_WEIGHTS, lambda p: p.symlink_to("/dev/zero")),
+        r"adapter_model\.safetensors: not a regular file \(a FIFO, device or socket\)",
+    ),
+    "no_tensors": (
+        lambda a: (a / ADAPTER_WEIGHTS).write_bytes(b"\x02\0\0\0\0\0\0\0{}"),
+        r"adapter_model\.safetensors: holds no tensors; not a LoRA adapter",
+    ),
 }
 
 
@@ -411,8 +659,9 @@ def test_bad_adapters_refused(tmp_path, plain, kind):
     adapter = _copy_adapter(plain.adapter_dir, tmp_path / "adapter")
     mutate(adapter)
     before = _tree_digest(adapter)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=message) as refused:
         adapter_deltas(adapter, _shapes(plain))
+    assert str(refused.value).startswith(f"{adapter}/")  # names the file
     with pytest.raises(CheckpointError, match=message):
         negate_lora(adapter, tmp_path / "out", base=plain.base_dir)
     assert not (tmp_path / "out").exists()
@@ -534,3 +783,349 @@ def test_engine_negate_with_adapter_matches_peft(case, tmp_path, scale):
     peft_merged = _peft_merge(c.base_dir, negated, CASES[name][0])
     for key in c.base:
         torch.testing.assert_close(got[key], peft_merged[key], rtol=0, atol=3e-6, msg=key)
+
+
+def test_engine_merge_is_peft_merge_to_fp32_rounding(case, tmp_path):
+    """base + τ streamed by the engine equals PEFT's merge_and_unload of the saved files up to
+    the rounding of two fp32 evaluations of the same sums: |Δ| ≤ 2·eps·(|W| + scaling·|B||A|)
+    elementwise. A delta with the wrong orientation or scaling is off by O(|τ|)."""
+    from sku_fast.engine.arithmetic import task_arithmetic
+
+    _, c = case
+    out = task_arithmetic(c.base_dir, [(c.adapter_dir, 1.0)], tmp_path / "out", threads=2)
+    got = load_file(out / "model.safetensors")
+    deltas = adapter_deltas(c.adapter_dir, c.base_dir)
+    eps = torch.finfo(torch.float32).eps
+    for key, want in c.merged.items():
+        d = deltas.get(key)
+        if isinstance(d, LowRankDelta):
+            left, right = (torch.from_numpy(m).double().abs() for m in (d.left, d.right))
+            bound = 2 * eps * (want.double().abs() + d.scaling * left @ right)
+            assert ((got[key].double() - want.double()).abs() <= bound).all(), key
+        elif key in c.expected:  # stored whole: base + 1·(tuned − base), two roundings
+            base = c.base[key].double()
+            bound = 2 * eps * (want.double().abs() + base.abs())
+            assert ((got[key].double() - want.double()).abs() <= bound).all(), key
+        else:
+            assert torch.equal(got[key], want), key
+
+
+def _base_variant(plain: Case, root: Path, **casts) -> Path:
+    """A copy of the base model directory with some tensors cast to other dtypes."""
+    root.mkdir()
+    (root / "config.json").write_bytes((plain.base_dir / "config.json").read_bytes())
+    tensors = {k: v.to(casts[k]) if k in casts else v for k, v in plain.base.items()}
+    save_file(tensors, root / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize(
+    "dtype, name",
+    [(torch.int32, "I32"), (torch.bool, "BOOL"), (torch.float8_e4m3fn, "F8_E4M3")],
+)
+def test_delta_on_a_non_float_base_tensor_refused(tmp_path, plain, dtype, name):
+    """An integer, bool or float8 base tensor cannot take a LoRA delta: refused, not dropped."""
+    from sku_fast.engine.arithmetic import negate
+
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    base = _base_variant(plain, tmp_path / "base", **{q0: dtype})
+    pattern = rf"adapter_model\.safetensors: tensor '{A0}': a LoRA delta on base tensor '{q0}', "
+    pattern += rf"which is {name}; only float tensors \(F16, BF16, F32, F64\) can take one"
+    with pytest.raises(CheckpointError, match=pattern):
+        adapter_deltas(plain.adapter_dir, base)
+    with pytest.raises(CheckpointError, match=pattern):
+        negate(base, plain.adapter_dir, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=pattern):
+        negate_lora(plain.adapter_dir, tmp_path / "neg", base=base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_case(tmp_path_factory) -> Case:
+    make_model, kwargs, _, _ = CASES["fan_in_fan_out"]
+    return _build(tmp_path_factory.mktemp("gpt2"), make_model, LoraConfig(**kwargs))
+
+
+def test_square_layer_needs_the_model_type(tmp_path, gpt2_case):
+    """GPT-2's square c_proj [32, 32] fits both orientations. Without config.json (a renamed
+    weights file, or a directory without it) its class cannot be told: refused, saying to pass
+    the model directory, whether fan_in_fan_out is set or the module only has a Conv1D name.
+    A config.json with remote code (auto_map) cannot tell it either."""
+    from sku_fast.engine.arithmetic import negate
+
+    c = gpt2_case
+    renamed = tmp_path / "gpt2.safetensors"
+    renamed.write_bytes((c.base_dir / "model.safetensors").read_bytes())
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes(renamed.read_bytes())
+    square = r"base tensor 'transformer\.h\.0\.attn\.c_proj\.weight' is square \[32, 32\]: PEFT "
+    square += r"transposes the delta of a GPT-2-style Conv1D layer but not of an nn\.Linear"
+    for base in (renamed, bare, _shapes(c)):
+        with pytest.raises(CheckpointError) as refused:
+            adapter_deltas(c.adapter_dir, base)
+        message = str(refused.value)
+        assert message.startswith(f"{c.adapter_dir / ADAPTER_CONFIG}: fan_in_fan_out is true and ")
+        assert re.search(square, message), message
+        assert message.endswith("pass the base as the model directory that holds its config.json")
+    with pytest.raises(CheckpointError, match=square):
+        negate(renamed, c.adapter_dir, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=square):
+        negate_lora(c.adapter_dir, tmp_path / "neg", base=bare)
+
+    cleared = _copy_adapter(c.adapter_dir, tmp_path / "cleared")
+    _edit_config(cleared, fan_in_fan_out=False)
+    with pytest.raises(
+        CheckpointError, match=r"module 'transformer\.h\.0\.attn\.c_proj' is named "
+    ):
+        adapter_deltas(cleared, bare)
+
+    (bare / "config.json").write_text(json.dumps({"model_type": "gpt2", "auto_map": {"x": "y"}}))
+    with pytest.raises(CheckpointError, match=r"config\.json names its own model code \(auto_map"):
+        adapter_deltas(c.adapter_dir, bare)
+    (bare / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert set(adapter_deltas(c.adapter_dir, bare)) == c.expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "cleared", "gpt2.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "scale, message",
+    [
+        (0.0, r"scale must be positive, got 0: .* use `sku-fast arithmetic BASE OUT --add"),
+        (-1.0, r"scale must be positive, got -1: λ is how much of the task vector to remove"),
+        (1e39, r"scale must be at most 1000, got 1e\+39: larger weights are not meaningful"),
+        (1001.0, r"scale must be at most 1000, got 1001: .* overflow half-precision outputs"),
+        (float("nan"), r"scale must be finite, got nan"),
+        (float("-inf"), r"scale must be finite, got -inf"),
+        ("half", r"scale must be a number, got 'half'"),
+    ],
+)
+def test_negate_lora_scale_refused(tmp_path, plain, scale, message):
+    with pytest.raises(ValueError, match=message):
+        negate_lora(plain.adapter_dir, tmp_path / "out", scale=scale, base=plain.base_dir)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_factors_beyond_memory_are_one_error(tmp_path, plain, monkeypatch):
+    """negate/arithmetic hold each module's factors whole in fp32: running out of memory there
+    is a CheckpointError naming the module, not a MemoryError traceback."""
+    from sku_fast.engine import adapter as lora
+    from sku_fast.engine.arithmetic import negate
+
+    def out_of_memory(raw, entry):
+        raise MemoryError
+
+    monkeypatch.setattr(lora, "to_float", out_of_memory)
+    pattern = r"adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj': its "
+    pattern += r"LoRA factors take 768 bytes and 768 bytes in fp32, more than fits in memory"
+    with pytest.raises(CheckpointError, match=pattern):
+        negate(plain.base_dir, plain.adapter_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("chunk_bytes", [6, 1000, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_chunked_negation_is_bit_identical(tmp_path, plain, monkeypatch, dtype, chunk_bytes):
+    """Chunks of any size (6 bytes splits elements of a row, and f32/f64 go one by one) give the
+    bytes of the whole-tensor computation: fp32 (fp64 for F64), one rounding to nearest even,
+    NaN kept; infinities and subnormals included."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(adapter_negation, "CHUNK_BYTES", chunk_bytes)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / ADAPTER_CONFIG).write_bytes((plain.adapter_dir / ADAPTER_CONFIG).read_bytes())
+    tensors = {k: v.to(dtype) for k, v in load_file(plain.adapter_dir / ADAPTER_WEIGHTS).items()}
+    key_b = B0.replace("layers.0", "layers.1")
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -0.0, 3.0])
+    tensors[key_b].view(-1)[: special.numel()] = special.to(dtype)
+    save_file(tensors, adapter / ADAPTER_WEIGHTS)
+    scale = 0.3
+    out = negate_lora(adapter, tmp_path / "neg", scale=scale, base=plain.base_dir)
+    neg = load_file(out / ADAPTER_WEIGHTS)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    lm = "base_model.model.lm_head.weight"
+    theta = plain.base["lm_head.weight"].to(wide)
+    for key, value in tensors.items():
+        if ".lora_B" in key:
+            want = (value.to(wide) * -scale).to(dtype)
+        elif key == lm:
+            want = (theta - scale * (value.to(wide) - theta)).to(dtype)
+        else:
+            want = value
+        if dtype == torch.bfloat16:  # the engine writes every bf16 NaN as 0x7FC0
+            want = want.clone()
+            want.view(torch.int16)[torch.isnan(want)] = 0x7FC0
+        assert neg[key].dtype == dtype
+        assert neg[key].view(torch.uint8).equal(want.view(torch.uint8)), key
+    assert torch.isnan(neg[key_b].view(-1)[0])
+
+
+# A peak-RSS probe: runs a command and prints the peak RSS of its process tree (KiB).
+MEASURE = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_negate_lora_streams_a_large_lora_b(tmp_path):
+    """A 315 MB bf16 lora_B is negated in bounded chunks: peak RSS stays far below its size
+    (reading it whole took ~4× its size), and sampled rows are right."""
+    import subprocess
+    import sys
+
+    from sku_fast.engine.checkpoint import encode_header, read_file
+
+    rows, rank, cols = 19_660_800, 8, 16  # lora_B [rows, 8] bf16: 315 MB
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["proj"]}
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(config))
+    key_a, key_b = "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight"
+    header, _ = encode_header({}, [(key_a, "BF16", (rank, cols)), (key_b, "BF16", (rows, rank))])
+    rng = np.random.default_rng(0)
+    with open(adapter / ADAPTER_WEIGHTS, "wb") as f:
+        f.write(header)
+        f.write(rng.integers(0x3C00, 0x3F80, rank * cols, dtype=np.uint16).tobytes())
+        block = 1 << 22
+        for start in range(0, rows * rank, block):
+            count = min(block, rows * rank - start)
+            f.write(rng.integers(0x3C00, 0x3F80, count, dtype=np.uint16).tobytes())
+    size_mb = (adapter / ADAPTER_WEIGHTS).stat().st_size / 2**20
+
+    command = [sys.executable, "-c", "from sku_fast.cli import main; main()"]
+    command += ["negate-lora", str(adapter), str(tmp_path / "neg"), "--scale", "0.5", "-q"]
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    peak_mb = int(result.stdout.strip()) / 1024
+    print(f"peak RSS of negate-lora on a {size_mb:.0f} MB adapter: {peak_mb:.0f} MB")
+    assert peak_mb < 120, f"peak RSS {peak_mb:.0f} MB for a {size_mb:.0f} MB lora_B"
+
+    src, dst = (read_file(p / ADAPTER_WEIGHTS) for p in (adapter, tmp_path / "neg"))
+    for entry_src, entry_dst in zip(src.tensors, dst.tensors, strict=True):
+        assert (entry_src.name, entry_src.shape) == (entry_dst.name, entry_dst.shape)
+        for row in (0, entry_src.shape[0] // 3, entry_src.shape[0] - 1):
+            span = entry_src.nbytes // entry_src.shape[0]
+            with open(entry_src.file, "rb") as a, open(entry_dst.file, "rb") as b:
+                a.seek(entry_src.offset + row * span)
+                b.seek(entry_dst.offset + row * span)
+                x, y = a.read(span), b.read(span)
+            x = torch.frombuffer(bytearray(x), dtype=torch.bfloat16)
+            y = torch.frombuffer(bytearray(y), dtype=torch.bfloat16)
+            want = (x.float() * -0.5).bfloat16() if entry_src.name == key_b else x
+            assert y.view(torch.int16).equal(want.view(torch.int16)), (entry_src.name, row)
+
+
+# ----------------------------------------------------------------------------- config fuzzing
+
+_FUZZ_A = np.arange(8, dtype=np.float32).reshape(2, 4) / 7  # lora_A [r=2, in=4]
+_FUZZ_B = (np.arange(6, dtype=np.float32).reshape(3, 2) - 2.5) / 3  # lora_B [out=3, r=2]
+_FUZZ_BASE = {"proj.weight": (3, 4)}  # not square: the orientation is the shape's
+_FUZZ_VALID = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["proj"]}
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()  # NaN and ±inf included: json.dumps writes them as NaN / Infinity literals
+    | st.sampled_from([0, 1, 2, 3, 6, 0.5, 2.0, 1e6, 1e39, -1])
+    | st.text(max_size=6),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["proj", "pr.j", "x", "(", ".*", "p[", "proj|x"]) | st.text(max_size=4),
+            children,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+_FIELDS = [
+    "peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern",
+    "alpha_pattern", "use_dora", "init_lora_weights", "target_modules", "lora_dropout",
+    "modules_to_save", "bias", "task_type", "layers_to_transform",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fuzz_weights(tmp_path_factory) -> Path:
+    weights = tmp_path_factory.mktemp("fuzz") / ADAPTER_WEIGHTS
+    save_file(
+        {
+            "base_model.model.proj.lora_A.weight": torch.from_numpy(_FUZZ_A),
+            "base_model.model.proj.lora_B.weight": torch.from_numpy(_FUZZ_B),
+        },
+        weights,
+    )
+    return weights
+
+
+def _fuzz_adapter(root: Path, weights: Path, text: str) -> Path:
+    adapter = root / "adapter"
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    adapter.mkdir(parents=True)
+    (adapter / ADAPTER_WEIGHTS).write_bytes(weights.read_bytes())
+    (adapter / ADAPTER_CONFIG).write_text(text)
+    return adapter
+
+
+def _first_match(patterns: dict, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", "proj"):
+            return value
+    return default
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    changes=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=4),
+    extra=st.dictionaries(st.text(min_size=1, max_size=8), _JSON, max_size=2),
+)
+def test_fuzzed_adapter_configs_give_peft_deltas_or_a_checkpoint_error(
+    tmp_path_factory, fuzz_weights, changes, extra
+):
+    """Random JSON in each field (and random extra keys): the parser either refuses it with a
+    CheckpointError naming the config, or accepts it, and then the values it used are valid
+    (r a positive int matching the tensors, alpha finite in (0, 1e6], flags true/false/null)
+    and the delta is the one of a clean config holding just those values: scaling·B·A."""
+    weights = fuzz_weights
+    root = tmp_path_factory.mktemp("case")
+    config = {**extra, **_FUZZ_VALID, **changes}
+    adapter = _fuzz_adapter(root, weights, json.dumps(config))
+    try:
+        deltas = adapter_deltas(adapter, _FUZZ_BASE)
+    except CheckpointError as error:
+        assert str(error).startswith(str(adapter)), str(error)
+        event("refused")
+        return
+    event("accepted")
+    # accepted: the values it must have used are valid
+    rank = _first_match(config.get("rank_pattern") or {}, config["r"])
+    alpha = _first_match(config.get("alpha_pattern") or {}, config["lora_alpha"])
+    assert type(rank) is int and rank == 2, config
+    assert type(alpha) in (int, float) and math.isfinite(alpha) and 0 < alpha <= 1e6, config
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        assert config.get(flag) in (True, False, None), config
+    assert config["peft_type"] == "LORA" and not config.get("use_dora"), config
+    # ... and the delta is the one of a clean config with those values
+    clean = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": alpha,
+        "use_rslora": bool(config.get("use_rslora")),
+    }
+    clean_adapter = _fuzz_adapter(root / "clean", weights, json.dumps(clean))
+    expected = adapter_deltas(clean_adapter, _FUZZ_BASE)
+    (name,) = deltas
+    got, want = deltas[name], expected[name]
+    assert got.scaling == want.scaling == alpha / (math.sqrt(2) if clean["use_rslora"] else 2)
+    assert np.array_equal(got.left, _FUZZ_B) and np.array_equal(got.right, _FUZZ_A)  # plain B·A
+    assert np.array_equal(want.left, got.left) and np.array_equal(want.right, got.right)

@@ -4,12 +4,17 @@ runs."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 _DTYPES = click.Choice(["bf16", "f16", "f32", "f64"], case_sensitive=False)
+# Paths are checked by the engine, whose one-line errors name the problem (click's own
+# readability check would print a usage error instead).
+_PATH = click.Path(readable=False)
 
 
 def _common_options(command: Callable) -> Callable:
@@ -22,7 +27,7 @@ def _common_options(command: Callable) -> Callable:
         ),
         click.option(
             "--threads",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=4096),
             default=None,
             help="Worker threads (default: all cores).",
         ),
@@ -55,17 +60,46 @@ class _Bar:
             self.bar.close()
 
 
-def _run(quiet: bool, what: str, call: Callable[[Callable], object]) -> None:
+def _part_of_output(filename: str | os.PathLike, out: str) -> bool:
+    """OUT, a path inside it, a folder above it, or one of its temporaries beside it."""
+    path, target = Path(filename).absolute(), Path(out).absolute()
+    if path == target or target in path.parents or path in target.parents:
+        return True
+    temporary = next((p for p in [path, *path.parents] if p.parent == target.parent), None)
+    return temporary is not None and temporary.name.startswith(f".{target.name[:150]}")
+
+
+def _run(quiet: bool, what: str, out: str, call: Callable[[Callable], object]) -> None:
+    from sku_fast.engine.checkpoint import check_output_parent
+    from sku_fast.errors import CheckpointError
+
     bar = _Bar(quiet)
     start = time.perf_counter()
     try:
-        out = call(bar)
+        check_output_parent(out)
+        written = call(bar)
     except ValueError as error:  # a bad option value (weight, scale): no traceback
         raise click.ClickException(str(error)) from error
+    except CheckpointError as error:
+        # The atomic writer reports any OSError while the output is built as a failure to write
+        # OUT; one on an input (a side file of the base that cannot be read) is named as such.
+        cause = error.__cause__
+        if (
+            str(error).startswith(f"{out}: cannot write the output")
+            and isinstance(cause, OSError)
+            and cause.filename is not None
+            and not _part_of_output(cause.filename, out)
+        ):
+            message = f"{cause.filename}: cannot read: {cause.strerror or cause}"
+            raise click.ClickException(message) from error
+        raise
+    except OSError as error:  # the engine names files in its errors; this is the safety net
+        where = f"{error.filename}: " if error.filename is not None else ""
+        raise click.ClickException(f"{where}{error.strerror or error}") from error
     finally:
         bar.close()
     if not quiet:
-        click.echo(f"{what} -> {out} in {time.perf_counter() - start:.1f} s")
+        click.echo(f"{what} -> {written} in {time.perf_counter() - start:.1f} s")
 
 
 def _parse_add(value: str) -> tuple[str, float]:
@@ -79,8 +113,8 @@ def _parse_add(value: str) -> tuple[str, float]:
 
 
 @click.command("arithmetic")
-@click.argument("base", type=click.Path())
-@click.argument("out", type=click.Path())
+@click.argument("base", type=_PATH)
+@click.argument("out", type=_PATH)
 @click.option(
     "--add",
     "adds",
@@ -104,6 +138,7 @@ def arithmetic_command(base, out, adds, dtype, threads, overwrite, quiet) -> Non
     _run(
         quiet,
         f"{base} + task vectors of {len(tuned)} model(s)",
+        out,
         lambda bar: task_arithmetic(
             base, tuned, out, dtype=dtype, threads=threads, overwrite=overwrite, progress=bar
         ),
@@ -111,9 +146,9 @@ def arithmetic_command(base, out, adds, dtype, threads, overwrite, quiet) -> Non
 
 
 @click.command("negate")
-@click.argument("base", type=click.Path())
-@click.argument("tuned", type=click.Path())
-@click.argument("out", type=click.Path())
+@click.argument("base", type=_PATH)
+@click.argument("tuned", type=_PATH)
+@click.argument("out", type=_PATH)
 @click.option(
     "--scale",
     type=float,
@@ -135,6 +170,7 @@ def negate_command(base, tuned, out, scale, dtype, threads, overwrite, quiet) ->
     _run(
         quiet,
         f"{base} − {scale:g}·({tuned} − {base})",
+        out,
         lambda bar: negate(
             base,
             tuned,
@@ -149,12 +185,12 @@ def negate_command(base, tuned, out, scale, dtype, threads, overwrite, quiet) ->
 
 
 @click.command("negate-lora")
-@click.argument("adapter", type=click.Path())
-@click.argument("out", type=click.Path())
+@click.argument("adapter", type=_PATH)
+@click.argument("out", type=_PATH)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="λ (lora_B × −λ).")
 @click.option(
     "--base",
-    type=click.Path(),
+    type=_PATH,
     default=None,
     help="Base checkpoint; needed only when the adapter stores whole modules (modules_to_save).",
 )
@@ -172,5 +208,6 @@ def negate_lora_command(adapter, out, scale, base, overwrite, quiet) -> None:
     _run(
         quiet,
         f"negated adapter {adapter} (λ = {scale:g})",
+        out,
         lambda _bar: negate_lora(adapter, out, scale, base=base, overwrite=overwrite),
     )

@@ -1,11 +1,16 @@
 """`negate_lora`: the negated LoRA adapter itself. `lora_B` scaled by −λ gives `θ_o − λ·τ` once
-merged: a few MB instead of a whole model."""
+merged: a few MB instead of a whole model.
+
+Tensors are streamed: each is read, negated and written in chunks of at most CHUNK_BYTES of
+stored data (`os.pread` at file offsets), so memory stays bounded whatever the size of a
+`lora_B` or of a whole-stored module. The arithmetic is elementwise, fp32 (fp64 with F64)
+rounded once to the tensor's dtype, so chunking changes no bit of the result.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +18,34 @@ import numpy as np
 from sku_fast.engine.adapter import (
     ADAPTER_WEIGHTS,
     NUMPY_DTYPES,
+    BaseModel,
     check_against_base,
-    delta_orientation,
     is_adapter_dir,
     load_adapter,
-    to_float,
 )
 from sku_fast.engine.checkpoint import (
     FLOAT_DTYPES,
+    ITEMSIZE,
     TensorEntry,
+    check_output_parent,
     encode_header,
     open_checkpoint,
-    read_tensor_bytes,
+    path_kind,
 )
+from sku_fast.engine.limits import check_weight
 from sku_fast.engine.output import check_output, copy_file, write_atomically
 from sku_fast.errors import CheckpointError
+
+# stored bytes per chunk; a bf16 chunk's fp32 copies and rounding temporaries take ~10× that
+CHUNK_BYTES = 4 << 20
+
+
+def _decode(raw: bytes | bytearray, dtype: str) -> np.ndarray:
+    """Stored bytes of a float tensor -> flat fp32 array (fp64 for F64)."""
+    a = np.frombuffer(raw, dtype=NUMPY_DTYPES[dtype])
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float64 if dtype == "F64" else np.float32)
 
 
 def _from_float(x: np.ndarray, dtype: str) -> bytes:
@@ -40,21 +58,58 @@ def _from_float(x: np.ndarray, dtype: str) -> bytes:
     return rounded.tobytes()
 
 
+class _Reader:
+    """Reads tensors of the input files in chunks at their offsets, one open file each."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def read(self, e: TensorEntry, start: int, count: int) -> bytes:
+        """The stored bytes of elements [start, start + count) of `e`."""
+        itemsize = ITEMSIZE[e.dtype]
+        try:
+            fd = self.fds.get(e.file)
+            if fd is None:
+                fd = self.fds[e.file] = os.open(e.file, os.O_RDONLY)
+            raw = os.pread(fd, count * itemsize, e.offset + start * itemsize)
+        except OSError as error:
+            raise CheckpointError(
+                f"{e.file}: tensor {e.name!r}: cannot read: {error.strerror or error}"
+            ) from error
+        if len(raw) != count * itemsize:
+            raise CheckpointError(f"{e.file}: tensor {e.name!r}: file shrank while reading")
+        return raw
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _spans(e: TensorEntry) -> Iterator[tuple[int, int]]:
+    """(first element, count) of each chunk of `e`."""
+    step = max(1, CHUNK_BYTES // ITEMSIZE[e.dtype])
+    for start in range(0, e.numel, step):
+        yield start, min(step, e.numel - start)
+
+
 def _write_safetensors(
     path: Path,
     metadata: dict[str, str],
     entries: tuple[TensorEntry, ...],
-    produce: Callable[[TensorEntry], bytes],
+    produce: Callable[[TensorEntry], Iterable[bytes]],
 ) -> None:
-    """Write `entries` (their dtype and shape, in this order) with the bytes `produce` gives
-    for each, one tensor in memory at a time, then fsync."""
+    """Write `entries` (their dtype and shape, in this order) with the bytes `produce` yields
+    for each, chunk by chunk, then fsync."""
     header, _ = encode_header(metadata, [(e.name, e.dtype, e.shape) for e in entries])
     with open(path, "wb") as f:
         f.write(header)
         for e in entries:
-            raw = produce(e)
-            assert len(raw) == e.nbytes, e.name
-            f.write(raw)
+            written = 0
+            for raw in produce(e):
+                f.write(raw)
+                written += len(raw)
+            assert written == e.nbytes, e.name
         f.flush()
         os.fsync(f.fileno())
 
@@ -77,11 +132,11 @@ def negate_lora(
     stored whole (`modules_to_save`, biases trained with bias="all"/"lora_only") become
     `base − scale·(tuned − base)`, which needs the base values: pass `base` (a .safetensors file,
     or a model directory, sharded or not) for those adapters; otherwise CheckpointError says so.
-    The input is never modified; the output directory appears atomically. Returns its path.
+    `scale` (λ) is positive and at most 1000 (ValueError otherwise). Tensors are streamed in
+    bounded chunks, so memory does not grow with their size. The input is never modified; the
+    output directory appears atomically. Returns its path.
     """
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = check_weight(scale, "scale", negation=True)
     out = Path(out)
     adapter_ = load_adapter(adapter)
     weights = adapter_.weights
@@ -94,12 +149,10 @@ def negate_lora(
         inputs += [Path(base), *(file.path for file in base_ckpt.files)]
         base_map = base_ckpt.tensor_map()
     check_output(out, inputs, overwrite)
+    check_output_parent(out)
 
     if base is not None:
-        shapes = {name: e.shape for name, e in base_map.items()}
-        check_against_base(adapter_, shapes)
-        for name in adapter_.modules:
-            delta_orientation(adapter_, name, shapes[name])
+        check_against_base(adapter_, BaseModel.of(base_ckpt))
     elif adapter_.replaced:
         names = sorted(adapter_.replaced)
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
@@ -111,33 +164,59 @@ def negate_lora(
 
     b_keys = {mod.b for mod in adapter_.modules.values()}
     replaced_keys = {key: name for name, key in adapter_.replaced.items()}
+    for key, name in replaced_keys.items():
+        _check_whole(adapter_.tensors[key], base_map[name])
+    reader = _Reader()
 
-    def produce(e: TensorEntry) -> bytes:
-        raw = read_tensor_bytes(e)
-        if e.name in b_keys:
-            return _from_float(to_float(raw, e) * -scale, e.dtype)
-        if e.name in replaced_keys:
-            return _negated_whole(e, raw, base_map[replaced_keys[e.name]], scale)
-        return raw
+    def produce(e: TensorEntry) -> Iterator[bytes]:
+        theta = base_map.get(replaced_keys.get(e.name, ""))
+        for start, count in _spans(e):
+            raw = reader.read(e, start, count)
+            with np.errstate(all="ignore"):  # overflow gives ±inf, as in the engine: no warning
+                if e.name in b_keys:
+                    raw = _from_float(_decode(raw, e.dtype) * -scale, e.dtype)
+                elif theta is not None:
+                    base_raw = reader.read(theta, start, count)
+                    raw = _negated_whole(e, raw, base_raw, theta, scale)
+            yield raw
 
     def write(tmp: Path) -> None:
         for f in sorted(adapter_.directory.iterdir()):
-            if f.is_file() and f.name != ADAPTER_WEIGHTS:
-                copy_file(f, tmp / f.name)
+            if f.name != ADAPTER_WEIGHTS and path_kind(f) == "file":
+                _copy_input(f, tmp / f.name)
         _write_safetensors(tmp / ADAPTER_WEIGHTS, weights.metadata, weights.tensors, produce)
 
-    write_atomically(out, write)
+    try:
+        write_atomically(out, write)
+    finally:
+        reader.close()
     return out
 
 
-def _negated_whole(e: TensorEntry, raw: bytes, base: TensorEntry, scale: float) -> bytes:
-    """base − λ·(tuned − base) for a tensor stored whole, rounded once to the adapter's dtype."""
+def _copy_input(src: Path, dst: Path) -> None:
+    """copy_file, with a failure to read `src` named as such (not as a failed output)."""
+    try:
+        copy_file(src, dst)
+    except OSError as error:
+        if error.filename is None or os.fspath(error.filename) != os.fspath(src):
+            raise
+        raise CheckpointError(f"{src}: cannot read: {error.strerror or error}") from error
+
+
+def _check_whole(e: TensorEntry, base: TensorEntry) -> None:
     if base.dtype not in FLOAT_DTYPES or e.dtype not in FLOAT_DTYPES:
         raise CheckpointError(
             f"{e.file}: tensor {e.name!r} is {e.dtype} and base {base.name!r} is "
             f"{base.dtype}; only float tensors can be negated"
         )
+
+
+def _negated_whole(
+    e: TensorEntry, raw: bytes, base_raw: bytes, base: TensorEntry, scale: float
+) -> bytes:
+    """base − λ·(tuned − base) for a chunk of a tensor stored whole, rounded once to the
+    adapter's dtype."""
     wide = np.float64 if "F64" in (e.dtype, base.dtype) else np.float32
-    tuned = to_float(raw, e).astype(wide)
-    theta = to_float(read_tensor_bytes(base), base).astype(wide)
+    tuned = _decode(raw, e.dtype).astype(wide)
+    theta = _decode(base_raw, base.dtype).astype(wide)
     return _from_float(theta - wide(scale) * (tuned - theta), e.dtype)

@@ -12,7 +12,6 @@ ever forming a whole dense delta. No torch import on this path.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,10 +99,10 @@ def _is_adapter(path: Path) -> bool:
 
 
 def _check_weight(weight: float, where: PathLike) -> float:
-    weight = float(weight)
-    if not math.isfinite(weight):
-        raise ValueError(f"weight of {where} must be finite, got {weight}")
-    return weight
+    # finite, |w| <= 1000, and λ > 0 for negate (which passes where="scale"): engine/limits.py
+    from sku_fast.engine.limits import check_weight
+
+    return check_weight(weight, where, negation=isinstance(where, str) and where == "scale")
 
 
 def _add_checkpoint_terms(
@@ -119,7 +118,7 @@ def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: f
     from sku_fast.engine import adapter as lora  # numpy only; loaded only for adapters
 
     base_map = base.tensor_map()
-    deltas = lora.adapter_deltas(adapter, {name: e.shape for name, e in base_map.items()})
+    deltas = lora.adapter_deltas(adapter, base)  # the checkpoint: dtypes and config.json too
     headers: dict[str, dict[str, TensorEntry]] = {}
     for name, delta in deltas.items():
         entry = base_map.get(name)

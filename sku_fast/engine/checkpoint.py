@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,49 @@ class Checkpoint:
         return {entry.name: entry for entry in self.entries()}
 
 
+def path_kind(path: Path) -> str:
+    """What is at `path`, symlinks followed: "file", "directory", "missing" or "other" (a
+    FIFO, a device, a socket). A path that cannot be looked at (in a folder without permission,
+    a symlink loop) is refused."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot access: {error.strerror or error}") from error
+    if stat.S_ISREG(mode):
+        return "file"
+    return "directory" if stat.S_ISDIR(mode) else "other"
+
+
+def require_file(path: Path, what: str = "file") -> None:
+    """Refuse anything but a regular file, saying what is there instead."""
+    kind = path_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"{path}: no such {what}")
+    if kind == "directory":
+        raise CheckpointError(f"{path}: is a directory, expected a {what}")
+    if kind == "other":
+        raise CheckpointError(
+            f"{path}: not a regular file (a FIFO, device or socket), expected a {what}"
+        )
+
+
+def check_output_parent(out: Path) -> None:
+    """The folders above an output are folders (or missing, to be made): a file there would
+    only show up as an obscure "File exists" when the output is written."""
+    for parent in Path(out).parents:
+        kind = path_kind(parent)
+        if kind == "directory":
+            return
+        if kind != "missing":
+            raise CheckpointError(f"output {out}: {parent} is not a folder")
+
+
 def read_file(path: str | os.PathLike) -> SafetensorsFile:
     """Read and validate one .safetensors header (raises CheckpointError)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    require_file(path)
     header = _C.read_header(str(path))
     start = header["data_start"]
     tensors = tuple(
@@ -99,6 +138,10 @@ def read_tensor_bytes(entry: TensorEntry) -> bytes:
         raise CheckpointError(
             f"{entry.file}: tensor {entry.name!r}: cannot read: {error.strerror or error}"
         ) from error
+    except MemoryError:
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.name!r}: {entry.nbytes} bytes do not fit in memory"
+        ) from None
     if len(raw) != entry.nbytes:
         raise CheckpointError(f"{entry.file}: tensor {entry.name!r}: file shrank while reading")
     return raw
@@ -140,14 +183,20 @@ def _load_index(path: Path) -> dict:
         return out
 
     try:
-        index = json.loads(path.read_bytes(), object_pairs_hook=no_duplicates)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: invalid JSON: {error}") from error
+        raw = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror or error}") from error
+    try:
+        index = json.loads(raw, object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: invalid JSON: {error}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f'{path}: needs a "weight_map" of tensor name -> shard file name')
+    if not weight_map:
+        raise CheckpointError(f"{path}: the weight_map is empty; a checkpoint without tensors")
     for shard in set(weight_map.values()):
         # shards live beside the index; a path in the name could point anywhere
         if Path(shard).name != shard or shard in (".", ".."):
@@ -160,18 +209,25 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     file), or a sharded directory with model.safetensors.index.json; validate every header and
     the index (every listed tensor in its shard, every shard tensor listed)."""
     path = Path(path)
-    if path.is_file():
-        return Checkpoint(path, "file", (read_file(path),), None)
-    if not path.is_dir():
+    kind = path_kind(path)
+    if kind == "file":
+        return _non_empty(Checkpoint(path, "file", (read_file(path),), None))
+    if kind == "missing":
         raise CheckpointError(f"{path}: no such file or directory")
+    if kind == "other":
+        raise CheckpointError(
+            f"{path}: not a regular file or directory (a FIFO, device or socket); expected a "
+            ".safetensors file or a model directory"
+        )
     index_path = path / INDEX_NAME
-    if index_path.is_file():
+    if path_kind(index_path) != "missing":
+        require_file(index_path)
         index = _load_index(index_path)
         weight_map: dict[str, str] = index["weight_map"]
         shard_names = list(dict.fromkeys(weight_map.values()))
         files = []
         for name in shard_names:
-            if not (path / name).is_file():
+            if path_kind(path / name) == "missing":
                 raise CheckpointError(f"{index_path}: shard {name} does not exist")
             files.append(read_file(path / name))
         for file in files:
@@ -188,16 +244,29 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 raise CheckpointError(
                     f"{path / shard}: tensor {name!r} listed in the index is missing"
                 )
-        return Checkpoint(path, "sharded", tuple(files), index)
-    if (path / SINGLE_NAME).is_file():
-        return Checkpoint(path, "directory", (read_file(path / SINGLE_NAME),), None)
-    candidates = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+        return _non_empty(Checkpoint(path, "sharded", tuple(files), index))
+    if path_kind(path / SINGLE_NAME) != "missing":
+        return _non_empty(Checkpoint(path, "directory", (read_file(path / SINGLE_NAME),), None))
+    try:
+        candidates = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot list: {error.strerror or error}") from error
+    candidates = [p for p in candidates if path_kind(p) == "file"]
     if len(candidates) == 1:
-        return Checkpoint(path, "directory", (read_file(candidates[0]),), None)
+        return _non_empty(Checkpoint(path, "directory", (read_file(candidates[0]),), None))
     raise CheckpointError(
         f"{path}: found {len(candidates)} .safetensors files and no {INDEX_NAME}; expected "
         f"{SINGLE_NAME}, a single .safetensors file or a sharded checkpoint"
     )
+
+
+def _non_empty(checkpoint: Checkpoint) -> Checkpoint:
+    """A checkpoint holds tensors: a header of `{}` is a valid safetensors file, but negating
+    or merging it would write an empty model without a word."""
+    for file in checkpoint.files:
+        if not file.tensors:
+            raise CheckpointError(f"{file.path}: holds no tensors; not a model checkpoint")
+    return checkpoint
 
 
 def check_tensor(
