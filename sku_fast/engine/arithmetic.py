@@ -31,6 +31,7 @@ from sku_fast.engine.checkpoint import (
     open_checkpoint,
     read_file,
 )
+from sku_fast.engine.limits import check_weight
 from sku_fast.engine.output import check_output, copy_file, fsync_path, write_atomically
 from sku_fast.errors import CheckpointError
 
@@ -96,13 +97,6 @@ def _is_adapter(path: Path) -> bool:
     from sku_fast.engine import adapter as lora
 
     return lora.is_adapter_dir(path)
-
-
-def _check_weight(weight: float, where: PathLike) -> float:
-    # finite, |w| <= 1000, and λ > 0 for negate (which passes where="scale"): engine/limits.py
-    from sku_fast.engine.limits import check_weight
-
-    return check_weight(weight, where, negation=isinstance(where, str) and where == "scale")
 
 
 def _add_checkpoint_terms(
@@ -225,7 +219,7 @@ def task_arithmetic(
         raise ValueError(f"threads must be at least 1, got {threads}")
     if not tuned:
         raise ValueError("task_arithmetic needs at least one (tuned, weight) pair")
-    tuned = [(Path(path), _check_weight(weight, path)) for path, weight in tuned]
+    tuned = [(Path(path), check_weight(weight, path)) for path, weight in tuned]
 
     base_path = Path(base)
     if _is_adapter(base_path):
@@ -303,7 +297,7 @@ def negate(
     `tuned` is a checkpoint like the base or a PEFT LoRA adapter directory. Same options and
     guarantees as `task_arithmetic`.
     """
-    scale = _check_weight(scale, "scale")
+    scale = check_weight(scale, "scale", negation=True)
     return task_arithmetic(
         base,
         [(tuned, -scale)],

@@ -202,7 +202,16 @@ class StagedOutput:
                 folder.rmdir()
 
     def _error(self, error: OSError) -> CheckpointError:
-        return CheckpointError(f"{self.out}: cannot write the output: {error.strerror or error}")
+        """Names the output, and the file that failed when it is not one we were writing
+        (an unreadable input file, a file standing where a folder must go)."""
+        culprit = error.filename
+        ours = culprit is not None and (
+            str(culprit).startswith(str(self.path)) or Path(culprit) == self.out
+        )
+        where = f" ({culprit})" if culprit is not None and not ours else ""
+        return CheckpointError(
+            f"{self.out}: cannot write the output: {error.strerror or error}{where}"
+        )
 
 
 def write_atomically(out: Path, write: Callable[[Path], None], *, directory: bool = True) -> None:
