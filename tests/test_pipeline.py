@@ -186,7 +186,8 @@ def _generate_chat(path: Path) -> str:
 
 
 def test_baseline_lora_adds_the_adapter(tiny, tmp_path):
-    out = run_unlearn(_config(tiny, tmp_path / "ga-lora", method="ga", steps=2), progress=False)
+    config = _config(tiny, tmp_path / "ga-lora", method="ga", lora=True, steps=2)
+    out = run_unlearn(config, progress=False)
     assert not (out / "adapter-negated").exists()
     base = load_file(tiny / "model.safetensors")
     adapter = load_file(out / "stage1/adapter/adapter_model.safetensors")
@@ -210,3 +211,11 @@ def test_cli_resume_reuses_the_saved_settings(tiny, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3]  # step 3 redone from the step-2 checkpoint
     again = load_file(out / "model/model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_the_baseline_defaults_to_the_published_full_fine_tuning():
+    ga = UnlearnConfig(method="ga").resolve()
+    assert (ga.lora, ga.lr, ga.epsilon, ga.batch_size) == (False, 2e-6, [0.5, 1.0, 1.0], 2)
+    ga_lora = UnlearnConfig(method="ga", lora=True).resolve()
+    assert ga_lora.lr == 2e-4  # 2e-6 does not move an adapter (docs/study.md)
+    assert UnlearnConfig().resolve().lora is True

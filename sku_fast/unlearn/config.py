@@ -19,7 +19,11 @@ METHODS = ("sku", "ga")
 LOSS_BACKENDS = ("fused-linear", "fused", "torch")
 # ε (guided distortion / harmful CE, random answers, preservation KL) per method
 DEFAULT_EPSILON = {"sku": (2.5, 2.5, 1.0), "ga": (0.5, 1.0, 1.0)}
-DEFAULT_LR = {"sku": 2e-4, "ga": 2e-6}
+# (method, lora) -> learning rate. The baseline as published is full fine-tuning at 2e-6; with
+# LoRA that rate does not move the adapter at all, so LoRA gets the rate measured to move the
+# model about as much (docs/study.md, "A faithful baseline").
+DEFAULT_LR = {("sku", True): 2e-4, ("sku", False): 2e-4, ("ga", False): 2e-6, ("ga", True): 2e-4}
+DEFAULT_LORA = {"sku": True, "ga": False}
 PRESERVATIONS = ("diverge", "keep")
 DEFAULT_PRESERVATION = {"sku": "diverge", "ga": "keep"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,7 +36,8 @@ class UnlearnConfig:
     model: a Hugging Face model directory or .gguf file; None = embedded SmolLM2-135M-Instruct.
     harmful / normal: data files (see sku_fast.unlearn.data); None = the packaged demo sets.
     method: "sku" (stage 1 then negation) or "ga" (the gradient-ascent baseline, no negation).
-    lora: train a LoRA adapter (reference = same network, adapter off) or the full model.
+    lora: train a LoRA adapter (reference = same network, adapter off) or the full model;
+        None = the method's default (SKU: LoRA; the baseline: full fine-tuning, as published).
     steps: optimizer steps, exactly; batch_size samples per micro-batch of each set;
         grad_accum micro-batches per step.
     lam: λ of the negation θ_o − λ·τ.
@@ -64,7 +69,7 @@ class UnlearnConfig:
     normal_prompt_column: str | None = None
     normal_answer_column: str | None = None
     method: str = "sku"
-    lora: bool = True
+    lora: bool | None = None
     lora_r: int = 32
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -124,8 +129,10 @@ class UnlearnConfig:
             raise ConfigError("the gradient-ascent baseline keeps θ close on normal data")
         if resolved.kl_cap is not None and not 0 < resolved.kl_cap <= 1000:
             raise ConfigError(f"kl_cap must be in (0, 1000] nats per token, got {resolved.kl_cap}")
+        if resolved.lora is None:
+            resolved.lora = DEFAULT_LORA[resolved.method]
         if resolved.lr is None:
-            resolved.lr = DEFAULT_LR[resolved.method]
+            resolved.lr = DEFAULT_LR[(resolved.method, resolved.lora)]
         if len(resolved.epsilon) != 3:
             raise ConfigError(f"epsilon needs 3 weights, got {len(resolved.epsilon)}")
         if not resolved.lora_targets:

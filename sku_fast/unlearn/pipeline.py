@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -263,6 +264,7 @@ class _Run:
                     )
         accelerator.wait_for_everyone()
         trained = prepare_model(self.model, config)
+        started = time.perf_counter()
         train(
             trained,
             self.tokenizer,
@@ -276,16 +278,17 @@ class _Run:
             on_step=on_step,
             safe=self.safe,
         )
+        seconds = time.perf_counter() - started
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._negate(folder, base, trained)
+            self._negate(folder, base, trained, seconds)
 
     def _write_validation(self, staging: Path) -> None:
         for name, rows in self.validation.items():
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             (staging / f"{name}.jsonl").write_text(text, encoding="utf-8")
 
-    def _negate(self, folder: Path, base: Path, trained) -> None:
+    def _negate(self, folder: Path, base: Path, trained, seconds: float) -> None:
         """Stage 2 (SKU) or the trained model itself (the baseline), each output atomic."""
         config = self.config
         stage1 = folder / "stage1"
@@ -312,6 +315,8 @@ class _Run:
             "harmful_samples": len(self.harmful),
             "normal_samples": len(self.normal),
             "steps": config.steps,
+            "train_seconds": round(seconds, 1),
+            "lambda": config.lam if config.method == "sku" else None,
             "trainable_parameters": sum(p.numel() for _, p in trained.trainable),
         }
         text = json.dumps(summary, indent=2) + "\n"
