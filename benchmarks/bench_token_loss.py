@@ -45,7 +45,8 @@ if CUDA:
     ROUNDS = 10
 else:
     LOSS_SHAPES = [(2048, 32000, torch.float32), (2048, 32000, torch.bfloat16)]
-    LINEAR_SHAPES = [(2048, 576, 49152, torch.float32)]
+    # SmolLM2's head, and a Llama-3-sized trained bf16 head (the --full case at 7B+ scale)
+    LINEAR_SHAPES = [(2048, 576, 49152, torch.float32), (256, 4096, 128256, torch.bfloat16)]
     ROUNDS = 3
 
 
