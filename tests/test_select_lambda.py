@@ -67,7 +67,7 @@ def run(tmp_path_factory) -> Path:
 def test_the_run_holds_out_its_validation_samples(run):
     harmful = [json.loads(line) for line in (run / "validation/harmful.jsonl").open()]
     normal = (run / "validation/normal.jsonl").read_text().splitlines()
-    assert len(harmful) == 5 and len(normal) == 5  # 5 of 30 harmful, 5 of the 40 demo normal
+    assert len(harmful) == 5 and len(normal) == 5  # 5 of 30 harmful, 5 of the 160 demo normal
     assert all(set(r) == {"prompt", "unsafe", "safe"} for r in harmful)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from sku_fast.errors import DataError
 
-DEMO_DATA = ("harmful", "normal", "harmless")
+DEMO_DATA = ("harmful", "normal", "harmless", "held_out")
 MAX_DATA_FILE_BYTES = 2 << 30
 
 _PROMPT_KEYS = ("prompt", "question", "instruction", "input", "query")
@@ -50,7 +50,8 @@ class ContrastPair:
 
 
 def demo_data_path(name: str) -> Path:
-    """The packaged demo set `name` ("harmful", "normal" or "harmless"), a JSONL file."""
+    """The packaged demo set `name`, a JSONL file: "harmful" (prompt, unsafe and safe answers),
+    "normal", "harmless" (prompts for over-refusal) or "held_out" (the demo's printout)."""
     if name not in DEMO_DATA:
         raise DataError(f"unknown demo data set {name!r}; choose one of {', '.join(DEMO_DATA)}")
     return Path(__file__).resolve().parents[1] / "demo_data" / f"{name}.jsonl"
