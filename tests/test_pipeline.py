@@ -4,6 +4,7 @@ seconds, the negation checked tensor by tensor, bad input, and the embedded defa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -219,3 +220,16 @@ def test_the_baseline_defaults_to_the_published_full_fine_tuning():
     ga_lora = UnlearnConfig(method="ga", lora=True).resolve()
     assert ga_lora.lr == 2e-4  # 2e-6 does not move an adapter (docs/study.md)
     assert UnlearnConfig().resolve().lora is True
+
+
+def test_the_printout_shows_held_out_answers_with_verdicts(tiny, tmp_path):
+    args = ["unlearn", "--model", str(tiny), "--out", str(tmp_path / "run"), "--steps", "2",
+            "--lora-r", "2", "--lora-alpha", "4", "--max-length", "64", "--validation", "10",
+            "-q"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    output = result.output
+    assert "Greedy answers to held-out validation prompts (not trained on)" in output
+    assert output.count("[harmful] ") == 4 and output.count("[normal] ") == 2
+    assert output.count("before (") == 4 and output.count("after (") == 4  # verdicts
+    assert re.search(r"harmful answers: \d/4 before, \d/4 after unlearning", output)

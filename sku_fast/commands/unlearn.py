@@ -46,7 +46,7 @@ _FIELDS = {
     "overwrite": "overwrite",
 }
 
-DEMO_PROMPTS = 2  # per set, for the before/after printout
+SAMPLE_PROMPTS = 4  # harmful prompts in the before/after printout (and half as many normal)
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)  # --lambda auto
 AUTO_VALIDATION = 50  # samples per set held out for choosing λ, unless --validation says
 
@@ -209,35 +209,48 @@ def _format(record: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "lr"))
 
 
-def _print_samples(config, out: Path) -> None:
-    """Greedy answers of the original and the unlearned model to a few prompts of each set."""
-    import torch
-
+def _sample_prompts(config, out: Path) -> tuple[list[str], list[str], str]:
+    """(harmful, normal, where they come from) for the before/after printout: the packaged
+    held-out demo prompts, the run's validation samples, or else the first training ones."""
     from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
-    from sku_fast.unlearn.models import load_model, load_tokenizer
-    from sku_fast.unlearn.tokens import format_pair
 
-    harmful = load_qa_pairs(config.harmful or demo_data_path("harmful"))[:DEMO_PROMPTS]
-    normal = load_qa_pairs(config.normal or demo_data_path("normal"))[:DEMO_PROMPTS]
+    if (out / "validation" / "harmful.jsonl").is_file():
+        harmful = [p.prompt for p in load_qa_pairs(out / "validation" / "harmful.jsonl")]
+        normal = [p.prompt for p in load_qa_pairs(out / "validation" / "normal.jsonl")]
+        where = "held-out validation prompts (not trained on)"
+    elif config.harmful is None and config.normal is None:
+        rows = [json.loads(line) for line in demo_data_path("held_out").read_text().splitlines()]
+        harmful = [r["prompt"] for r in rows if r["set"] == "harmful"]
+        normal = [r["prompt"] for r in rows if r["set"] == "normal"]
+        return harmful, normal, "held-out demo prompts (not trained on)"
+    else:
+        harmful = [p.prompt for p in load_qa_pairs(config.harmful or demo_data_path("harmful"))]
+        normal = [p.prompt for p in load_qa_pairs(config.normal or demo_data_path("normal"))]
+        where = "training prompts (hold some out with --validation N to see unseen ones)"
+    return harmful[:SAMPLE_PROMPTS], normal[: SAMPLE_PROMPTS // 2], where
+
+
+def _print_samples(config, out: Path) -> None:
+    """Greedy answers of the original and the unlearned model, with the judge's verdicts and
+    the harmful rate before and after over the harmful prompts shown."""
+    from sku_fast.eval.samples import before_after
+
+    harmful, normal, where = _sample_prompts(config, out)
     original = out / "original" if (out / "original").is_dir() else config.model
-    tokenizer = load_tokenizer(original)
-    prompts = [("harmful", p.prompt) for p in harmful] + [("normal", p.prompt) for p in normal]
-    answers = {}
-    for label, path in (("before", original), ("after", out / "model")):
-        model = load_model(path)
-        for kind, prompt in prompts:
-            text = format_pair(tokenizer, prompt, "")[0]
-            ids = tokenizer(
-                text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template
-            )
-            with torch.no_grad():
-                generated = model.generate(
-                    **ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            new = generated[0, ids["input_ids"].shape[1] :]
-            answers[(kind, prompt, label)] = tokenizer.decode(new, skip_special_tokens=True)
-        del model
-    for kind, prompt in prompts:
-        click.echo(f"\n[{kind}] {prompt}")
+    samples = before_after(original, out / "model", harmful, normal)
+    click.echo(f"\nGreedy answers to {where}, judged by the rule judge:")
+    for sample in samples:
+        click.echo(f"\n[{sample.kind}] {sample.prompt}")
         for label in ("before", "after"):
-            click.echo(f"  {label:>6}: {' '.join(answers[(kind, prompt, label)].split())}")
+            verdict = getattr(sample, f"{label}_verdict")
+            tag = f"{label} ({verdict})" if verdict else label
+            click.echo(f"  {tag:>20}: {' '.join(getattr(sample, label).split())}")
+    shown = [s for s in samples if s.kind == "harmful"]
+    counts = {
+        label: sum(getattr(s, f"{label}_verdict") == "harmful" for s in shown)
+        for label in ("before", "after")
+    }
+    click.echo(
+        f"\nharmful answers: {counts['before']}/{len(shown)} before, "
+        f"{counts['after']}/{len(shown)} after unlearning"
+    )
