@@ -19,7 +19,7 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 
 sku::DType parse_dtype(const std::string& name, const std::string& where) {
     sku::DType dtype;
-    if (!sku::dtype_from_name(name, dtype)) throw sku::EngineError(where + ": unknown dtype " + name);
+    if (!sku::dtype_from_name(name, dtype)) throw sku::format_error(where + ": unknown dtype " + name);
     return dtype;
 }
 
@@ -44,7 +44,7 @@ py::dict header_to_dict(const sku::Header& header) {
 // terms), a term: ("dense", weight, input, offset, dtype) or ("low_rank", weight, left, right).
 sku::Job parse_job(const py::handle& item, std::vector<FloatArray>& keep_alive) {
     auto t = item.cast<py::tuple>();
-    if (t.size() != 9) throw sku::EngineError("internal: a job tuple needs 9 fields");
+    if (t.size() != 9) throw sku::internal_error("internal: a job tuple needs 9 fields");
     sku::Job job;
     job.name = t[0].cast<std::string>();
     const std::string where = "tensor \"" + job.name + "\"";
@@ -71,8 +71,8 @@ sku::Job parse_job(const py::handle& item, std::vector<FloatArray>& keep_alive) 
             if (!left || !right || left.ndim() != 2 || right.ndim() != 2 ||
                 left.shape(1) != right.shape(0) || uint64_t(right.shape(1)) != job.cols ||
                 uint64_t(left.shape(0)) * job.cols != job.numel)
-                throw sku::EngineError(where + ": low-rank factors do not multiply to the tensor's "
-                                               "shape");
+                throw sku::format_error(where + ": low-rank factors do not multiply to the "
+                                                "tensor's shape");
             term.kind = sku::Term::Kind::LowRank;
             term.left = left.data();
             term.right = right.data();
@@ -80,7 +80,7 @@ sku::Job parse_job(const py::handle& item, std::vector<FloatArray>& keep_alive) 
             keep_alive.push_back(std::move(left));
             keep_alive.push_back(std::move(right));
         } else {
-            throw sku::EngineError(where + ": malformed term of kind " + kind);
+            throw sku::internal_error(where + ": malformed term of kind " + kind);
         }
         job.terms.push_back(term);
     }
@@ -123,12 +123,35 @@ void combine(const std::string& out_path, const py::bytes& header,
     if (callback_error) throw std::move(*callback_error);
 }
 
+// sku::EngineError -> _C.EngineError(message) with .kind = "format" | "io" | "memory" |
+// "cancelled" | "internal". The type lives as long as the process (a module is never unloaded).
+PyObject* g_engine_error = nullptr;
+
+void translate_engine_error(std::exception_ptr p) {
+    try {
+        if (p) std::rethrow_exception(p);
+    } catch (const sku::EngineError& e) {
+        py::object error = py::reinterpret_borrow<py::object>(g_engine_error)(e.what());
+        error.attr("kind") = sku::error_kind_name(e.kind());
+        PyErr_SetObject(g_engine_error, error.ptr());
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "sku-fast native task-vector engine";
     py::object base = py::module_::import("sku_fast.errors").attr("CheckpointError");
-    py::register_exception<sku::EngineError>(m, "EngineError", base);
+    g_engine_error = PyErr_NewExceptionWithDoc(
+        "sku_fast._C.EngineError",
+        "A checkpoint could not be read, combined or written; the message names the file, the "
+        "tensor and the problem. `kind` is one of format, io, memory, cancelled, internal.",
+        base.ptr(), nullptr);
+    if (g_engine_error == nullptr) throw py::error_already_set();
+    // the kind of an EngineError raised from Python code
+    PyObject_SetAttrString(g_engine_error, "kind", py::str("internal").ptr());
+    m.attr("EngineError") = py::handle(g_engine_error);
+    py::register_exception_translator(&translate_engine_error);
 
     m.def(
         "read_header",

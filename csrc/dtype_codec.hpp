@@ -82,7 +82,7 @@ void decode(DType dtype, const char* raw, T* out, size_t n) {
             for (size_t i = 0; i < n; ++i) out[i] = T(p[i]);
             break;
         }
-        default: throw EngineError("internal: decode of a non-float dtype");
+        default: throw internal_error("internal: decode of a non-float dtype");
     }
 }
 
@@ -110,7 +110,7 @@ void encode(DType dtype, const T* in, char* raw, size_t n) {
             for (size_t i = 0; i < n; ++i) p[i] = double(in[i]);
             break;
         }
-        default: throw EngineError("internal: encode to a non-float dtype");
+        default: throw internal_error("internal: encode to a non-float dtype");
     }
 }
 

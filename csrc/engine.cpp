@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <new>
+#include <string>
+#include <system_error>
 #include <type_traits>
 
 #include "dtype_codec.hpp"
@@ -114,17 +117,17 @@ void check_job(const Job& job, size_t n_inputs) {
     const std::string where = "tensor \"" + job.name + "\"";
     const bool arithmetic = !job.terms.empty() || job.out_dtype != job.base_dtype;
     if (arithmetic && (!dtype_is_arithmetic(job.base_dtype) || !dtype_is_arithmetic(job.out_dtype)))
-        throw EngineError(where + ": arithmetic on dtype " + dtype_name(job.base_dtype) + " -> " +
-                          dtype_name(job.out_dtype) + " is not supported");
-    if (job.base_input >= n_inputs) throw EngineError(where + ": base input index out of range");
+        throw format_error(where + ": arithmetic on dtype " + dtype_name(job.base_dtype) + " -> " +
+                           dtype_name(job.out_dtype) + " is not supported");
+    if (job.base_input >= n_inputs) throw internal_error(where + ": base input index out of range");
     for (const Term& term : job.terms) {
         if (term.kind == Term::Kind::Dense) {
-            if (term.input >= n_inputs) throw EngineError(where + ": input index out of range");
+            if (term.input >= n_inputs) throw internal_error(where + ": input index out of range");
             if (!dtype_is_arithmetic(term.dtype))
-                throw EngineError(where + ": a tuned tensor has dtype " + dtype_name(term.dtype));
+                throw format_error(where + ": a tuned tensor has dtype " + dtype_name(term.dtype));
         } else if (job.cols == 0 || job.numel % job.cols != 0 || term.left == nullptr ||
                    term.right == nullptr) {
-            throw EngineError(where + ": low-rank term does not match the tensor's shape");
+            throw format_error(where + ": low-rank term does not match the tensor's shape");
         }
     }
 }
@@ -135,9 +138,16 @@ struct WorkItem {
     size_t count;
 };
 
-}  // namespace
+// What to tell the user when an allocation fails: each thread holds about a chunk of every input
+// mapped and a chunk of output, so fewer threads need less memory.
+std::string out_of_memory(const Plan& plan, const std::string& while_doing) {
+    return plan.out_path + ": out of memory while " + while_doing + " with " +
+           std::to_string(plan.threads) +
+           " threads (each holds about 1 MiB of every input and of the output); run with fewer "
+           "threads (threads=1, --threads 1) or free some memory";
+}
 
-void combine(const Plan& plan, const Progress& progress) {
+void run_plan(const Plan& plan, const Progress& progress) {
     for (const Job& job : plan.jobs) check_job(job, plan.inputs.size());
 
     std::vector<File> inputs;
@@ -162,25 +172,39 @@ void combine(const Plan& plan, const Progress& progress) {
     const unsigned threads = plan.threads == 0 ? 1 : plan.threads;
     std::vector<Scratch> scratch(std::min<size_t>(threads, std::max<size_t>(items.size(), 1)));
     std::atomic<uint64_t> done{0};
-    bool finished = false;
-    try {
-        finished = parallel_for(
-            items.size(), threads,
-            [&](size_t i, unsigned worker) {
-                const WorkItem& item = items[i];
-                const Job& job = plan.jobs[item.job];
+    const bool finished = parallel_for(
+        items.size(), threads,
+        [&](size_t i, unsigned worker) {
+            const WorkItem& item = items[i];
+            const Job& job = plan.jobs[item.job];
+            try {
                 run_chunk(ctx, job, item.first, item.count, scratch[worker]);
-                done.fetch_add(item.count * dtype_size(job.out_dtype));
-            },
-            [&] { return progress(done.load()); });
-    } catch (const EngineError&) {
-        throw;
-    } catch (const std::exception& e) {
-        throw EngineError(e.what());
-    }
-    if (!finished) throw EngineError("cancelled");
+            } catch (const std::bad_alloc&) {
+                throw memory_error(out_of_memory(plan, "computing tensor \"" + job.name + "\""));
+            }
+            done.fetch_add(item.count * dtype_size(job.out_dtype));
+        },
+        [&] { return progress(done.load()); });
+    if (!finished) throw cancelled_error("cancelled");
     out.sync_and_close();
     progress(done.load());
+}
+
+}  // namespace
+
+void combine(const Plan& plan, const Progress& progress) {
+    try {
+        run_plan(plan, progress);
+    } catch (const EngineError&) {
+        throw;
+    } catch (const std::bad_alloc&) {
+        throw memory_error(out_of_memory(plan, "planning the output"));
+    } catch (const std::system_error& e) {  // a worker thread could not be started
+        throw memory_error(plan.out_path + ": cannot start " + std::to_string(plan.threads) +
+                           " threads (" + e.what() + "); run with fewer threads");
+    } catch (const std::exception& e) {
+        throw internal_error(plan.out_path + ": " + e.what());
+    }
 }
 
 }  // namespace sku

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sku_fast import _C
 from sku_fast.arithmetic import negate, task_arithmetic
 from sku_fast.checkpoint import INDEX_NAME, read_file
 from sku_fast.errors import CheckpointError
@@ -490,3 +491,18 @@ def test_mutated_headers_only_raise_checkpoint_error(tmp_path, content):
     out = tmp_path / "out"
     with contextlib.suppress(CheckpointError):
         negate(path, path, out, overwrite=True)
+
+
+def test_engine_errors_carry_their_kind(tmp_path):
+    """_C.EngineError (a CheckpointError, message as before) says what sort of problem it met:
+    "format" for a broken file, "io" for one the operating system refuses."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(CORPUS["invalid_json"][0])
+    with pytest.raises(_C.EngineError, match=r"bad\.safetensors: invalid JSON header") as error:
+        _C.read_header(str(bad))
+    assert error.value.kind == "format"
+    assert isinstance(error.value, CheckpointError)
+
+    with pytest.raises(_C.EngineError, match=r"missing\.safetensors: cannot open") as error:
+        _C.read_header(str(tmp_path / "missing.safetensors"))
+    assert error.value.kind == "io"
