@@ -1,11 +1,15 @@
 // Python bindings of the native engine (the only file that knows about Python): convert the
 // arguments, release the GIL, run, convert the result. sku::EngineError becomes
-// sku_fast._C.EngineError, a subclass of sku_fast.errors.CheckpointError.
+// sku_fast._C.EngineError, a subclass of sku_fast.errors.CheckpointError with a `kind`.
+// The engine's jobs cross as small typed classes (_C.Job, _C.DenseTerm, _C.LowRankTerm).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <string>
+#include <variant>
+#include <vector>
 
 #include "engine.hpp"
 #include "error.hpp"
@@ -16,12 +20,6 @@ namespace py = pybind11;
 namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-
-sku::DType parse_dtype(const std::string& name, const std::string& where) {
-    sku::DType dtype;
-    if (!sku::dtype_from_name(name, dtype)) throw sku::format_error(where + ": unknown dtype " + name);
-    return dtype;
-}
 
 py::dict header_to_dict(const sku::Header& header) {
     py::dict metadata;
@@ -40,63 +38,137 @@ py::dict header_to_dict(const sku::Header& header) {
     return out;
 }
 
-// A job tuple: (name, numel, cols, base_input, base_offset, base_dtype, out_dtype, out_offset,
-// terms), a term: ("dense", weight, input, offset, dtype) or ("low_rank", weight, left, right).
-sku::Job parse_job(const py::handle& item, std::vector<FloatArray>& keep_alive) {
-    auto t = item.cast<py::tuple>();
-    if (t.size() != 9) throw sku::internal_error("internal: a job tuple needs 9 fields");
-    sku::Job job;
-    job.name = t[0].cast<std::string>();
-    const std::string where = "tensor \"" + job.name + "\"";
-    job.numel = t[1].cast<uint64_t>();
-    job.cols = t[2].cast<uint64_t>();
-    job.base_input = t[3].cast<size_t>();
-    job.base_offset = t[4].cast<uint64_t>();
-    job.base_dtype = parse_dtype(t[5].cast<std::string>(), where);
-    job.out_dtype = parse_dtype(t[6].cast<std::string>(), where);
-    job.out_offset = t[7].cast<uint64_t>();
-    for (const auto& term_item : t[8].cast<py::list>()) {
-        auto term_tuple = term_item.cast<py::tuple>();
+sku::DType dtype_named(const std::string& name) {
+    sku::DType dtype;
+    if (!sku::dtype_from_name(name, dtype))
+        throw py::value_error("unknown dtype " + py::repr(py::str(name)).cast<std::string>());
+    return dtype;
+}
+
+std::string repr_text(const py::handle& value) { return py::repr(value).cast<std::string>(); }
+
+std::string shape_text(const FloatArray& a) {
+    std::string text = "float32[";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) text += (i ? ", " : "") + std::to_string(a.shape(i));
+    return text + "]";
+}
+
+// _C.DenseTerm: acc += weight * (tuned - base), the tuned tensor read from inputs[input] at
+// absolute byte `offset`, stored as `dtype`.
+struct DenseTerm {
+    double weight;
+    size_t input;
+    uint64_t offset;
+    sku::DType dtype;
+
+    std::string repr() const {
+        return "DenseTerm(weight=" + repr_text(py::float_(weight)) +
+               ", input=" + std::to_string(input) + ", offset=" + std::to_string(offset) +
+               ", dtype='" + sku::dtype_name(dtype) + "')";
+    }
+};
+
+// _C.LowRankTerm: acc += weight * (left @ right), left [rows, rank] and right [rank, cols] fp32
+// (converted to C-contiguous float32 if they are not). Holding the arrays keeps them alive for
+// the engine, which reads them without the GIL.
+struct LowRankTerm {
+    double weight;
+    FloatArray left;
+    FloatArray right;
+
+    std::string repr() const {
+        return "LowRankTerm(weight=" + repr_text(py::float_(weight)) +
+               ", left=" + shape_text(left) + ", right=" + shape_text(right) + ")";
+    }
+};
+
+using AnyTerm = std::variant<DenseTerm, LowRankTerm>;
+
+// _C.Job: one tensor of the output, base + the terms in order, written at `out_offset`.
+struct Job {
+    sku::Job job;  // everything but the low-rank factors' pointers, filled in by combine
+    std::vector<AnyTerm> terms;
+
+    std::string repr() const {
+        std::string text = "Job(name=" + repr_text(py::str(job.name)) +
+                           ", numel=" + std::to_string(job.numel) +
+                           ", cols=" + std::to_string(job.cols) +
+                           ", base_input=" + std::to_string(job.base_input) +
+                           ", base_offset=" + std::to_string(job.base_offset) +
+                           ", base_dtype='" + sku::dtype_name(job.base_dtype) +
+                           "', out_dtype='" + sku::dtype_name(job.out_dtype) +
+                           "', out_offset=" + std::to_string(job.out_offset) + ", terms=[";
+        for (size_t i = 0; i < terms.size(); ++i)
+            text += (i ? ", " : "") + std::visit([](const auto& t) { return t.repr(); }, terms[i]);
+        return text + "])";
+    }
+};
+
+Job make_job(const std::string& name, uint64_t numel, uint64_t cols, size_t base_input,
+             uint64_t base_offset, const std::string& base_dtype, const std::string& out_dtype,
+             uint64_t out_offset, std::vector<AnyTerm> terms) {
+    Job out;
+    sku::Job& job = out.job;
+    job.name = name;
+    job.numel = numel;
+    job.cols = cols;
+    job.base_input = base_input;
+    job.base_offset = base_offset;
+    job.base_dtype = dtype_named(base_dtype);
+    job.out_dtype = dtype_named(out_dtype);
+    job.out_offset = out_offset;
+    for (const AnyTerm& any : terms) {
         sku::Term term;
-        const auto kind = term_tuple[0].cast<std::string>();
-        term.weight = term_tuple[1].cast<double>();
-        if (kind == "dense" && term_tuple.size() == 5) {
+        if (const auto* dense = std::get_if<DenseTerm>(&any)) {
             term.kind = sku::Term::Kind::Dense;
-            term.input = term_tuple[2].cast<size_t>();
-            term.offset = term_tuple[3].cast<uint64_t>();
-            term.dtype = parse_dtype(term_tuple[4].cast<std::string>(), where);
-        } else if (kind == "low_rank" && term_tuple.size() == 4) {
-            FloatArray left = FloatArray::ensure(term_tuple[2]);
-            FloatArray right = FloatArray::ensure(term_tuple[3]);
-            if (!left || !right || left.ndim() != 2 || right.ndim() != 2 ||
-                left.shape(1) != right.shape(0) || uint64_t(right.shape(1)) != job.cols ||
-                uint64_t(left.shape(0)) * job.cols != job.numel)
-                throw sku::format_error(where + ": low-rank factors do not multiply to the "
-                                                "tensor's shape");
-            term.kind = sku::Term::Kind::LowRank;
-            term.left = left.data();
-            term.right = right.data();
-            term.rank = uint64_t(left.shape(1));
-            keep_alive.push_back(std::move(left));
-            keep_alive.push_back(std::move(right));
+            term.weight = dense->weight;
+            term.input = dense->input;
+            term.offset = dense->offset;
+            term.dtype = dense->dtype;
         } else {
-            throw sku::internal_error(where + ": malformed term of kind " + kind);
+            const auto& low_rank = std::get<LowRankTerm>(any);
+            const FloatArray& left = low_rank.left;
+            const FloatArray& right = low_rank.right;
+            if (left.ndim() != 2 || right.ndim() != 2 || left.shape(1) != right.shape(0) ||
+                uint64_t(right.shape(1)) != cols || uint64_t(left.shape(0)) * cols != numel)
+                throw sku::format_error("tensor \"" + name + "\": low-rank factors " +
+                                        shape_text(left) + " @ " + shape_text(right) +
+                                        " do not multiply to the tensor's shape (" +
+                                        std::to_string(numel) + " elements in rows of " +
+                                        std::to_string(cols) + ")");
+            term.kind = sku::Term::Kind::LowRank;
+            term.weight = low_rank.weight;
+            term.rank = uint64_t(left.shape(1));
         }
         job.terms.push_back(term);
     }
-    return job;
+    out.terms = std::move(terms);
+    return out;
 }
 
 void combine(const std::string& out_path, const py::bytes& header,
-             const std::vector<std::string>& inputs, const py::list& jobs, unsigned threads,
-             const py::object& progress) {
+             const std::vector<std::string>& inputs, const std::vector<py::object>& jobs,
+             unsigned threads, const py::object& progress) {
     sku::Plan plan;
     plan.out_path = out_path;
     plan.header = header;
     plan.inputs = inputs;
     plan.threads = threads;
-    std::vector<FloatArray> keep_alive;
-    for (const auto& item : jobs) plan.jobs.push_back(parse_job(item, keep_alive));
+    // `jobs` holds a reference to every _C.Job, and each job to its factors, until we return
+    for (const py::object& item : jobs) {
+        if (!py::isinstance<Job>(item))
+            throw py::type_error("jobs must be _C.Job objects, got " +
+                                 repr_text(py::type::of(item)));
+        const Job& spec = item.cast<const Job&>();
+        sku::Job job = spec.job;
+        for (size_t k = 0; k < job.terms.size(); ++k) {
+            if (const auto* low_rank = std::get_if<LowRankTerm>(&spec.terms[k])) {
+                job.terms[k].left = low_rank->left.data();
+                job.terms[k].right = low_rank->right.data();
+            }
+        }
+        plan.jobs.push_back(std::move(job));
+    }
 
     // A Python exception raised by the callback (e.g. KeyboardInterrupt) cancels the run and is
     // re-raised once the workers have stopped.
@@ -167,9 +239,55 @@ PYBIND11_MODULE(_C, m) {
         "Reads and validates a safetensors header. Returns {data_start, file_size, metadata, "
         "tensors: [(name, dtype, shape, begin, end)] in data order}; offsets are relative to "
         "data_start.");
+    py::class_<DenseTerm>(m, "DenseTerm",
+                          "acc += weight * (tuned - base); the tuned tensor is read from "
+                          "inputs[input] at absolute byte offset `offset`, stored as `dtype`.")
+        .def(py::init([](double weight, size_t input, uint64_t offset, const std::string& dtype) {
+                 return DenseTerm{weight, input, offset, dtype_named(dtype)};
+             }),
+             py::kw_only(), py::arg("weight"), py::arg("input"), py::arg("offset"),
+             py::arg("dtype"))
+        .def_readonly("weight", &DenseTerm::weight)
+        .def_readonly("input", &DenseTerm::input)
+        .def_readonly("offset", &DenseTerm::offset)
+        .def_property_readonly("dtype", [](const DenseTerm& t) { return sku::dtype_name(t.dtype); })
+        .def("__repr__", &DenseTerm::repr);
+    py::class_<LowRankTerm>(m, "LowRankTerm",
+                            "acc += weight * (left @ right) for left [rows, rank] and right "
+                            "[rank, cols], as C-contiguous float32 (converted if need be).")
+        .def(py::init([](double weight, FloatArray left, FloatArray right) {
+                 return LowRankTerm{weight, std::move(left), std::move(right)};
+             }),
+             py::kw_only(), py::arg("weight"), py::arg("left"), py::arg("right"))
+        .def_readonly("weight", &LowRankTerm::weight)
+        .def_readonly("left", &LowRankTerm::left)
+        .def_readonly("right", &LowRankTerm::right)
+        .def("__repr__", &LowRankTerm::repr);
+    py::class_<Job>(m, "Job",
+                    "One output tensor: numel elements (rows of `cols`) of the base read from "
+                    "inputs[base_input] at byte base_offset, plus the terms in order, rounded "
+                    "to out_dtype and written at byte out_offset of the output.")
+        .def(py::init(&make_job), py::kw_only(), py::arg("name"), py::arg("numel"),
+             py::arg("cols") = 1, py::arg("base_input"), py::arg("base_offset"),
+             py::arg("base_dtype"), py::arg("out_dtype"), py::arg("out_offset"),
+             py::arg("terms") = std::vector<AnyTerm>())
+        .def_property_readonly("name", [](const Job& j) { return j.job.name; })
+        .def_property_readonly("numel", [](const Job& j) { return j.job.numel; })
+        .def_property_readonly("cols", [](const Job& j) { return j.job.cols; })
+        .def_property_readonly("base_input", [](const Job& j) { return j.job.base_input; })
+        .def_property_readonly("base_offset", [](const Job& j) { return j.job.base_offset; })
+        .def_property_readonly("base_dtype",
+                               [](const Job& j) { return sku::dtype_name(j.job.base_dtype); })
+        .def_property_readonly("out_dtype",
+                               [](const Job& j) { return sku::dtype_name(j.job.out_dtype); })
+        .def_property_readonly("out_offset", [](const Job& j) { return j.job.out_offset; })
+        .def_property_readonly("terms", [](const Job& j) { return j.terms; })
+        .def("__repr__", &Job::repr);
+
     m.def("combine", &combine, py::arg("out_path"), py::arg("header"), py::arg("inputs"),
           py::arg("jobs"), py::arg("threads"), py::arg("progress"),
-          "Writes one safetensors file from tensor jobs (see sku_fast.arithmetic) with a pool of "
-          "threads, the GIL released; progress(bytes_done) is called about every 100 ms.");
+          "Writes one safetensors file from a list of _C.Job (see sku_fast.arithmetic) with a "
+          "pool of threads, the GIL released; progress(bytes_done) is called about every "
+          "100 ms.");
     m.attr("MAX_HEADER_BYTES") = sku::kMaxHeaderBytes;
 }

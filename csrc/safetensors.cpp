@@ -51,8 +51,9 @@ TensorInfo parse_tensor(const std::string& path, const std::string& name, const 
     info.name = name;
     if (dtype->kind != JsonValue::Kind::String || !dtype_from_name(dtype->text, info.dtype))
         throw format_error(where + ": unknown dtype " +
-                           (dtype->kind == JsonValue::Kind::String ? quoted(dtype->text)
-                                                                   : std::string("(not a string)")));
+                           (dtype->kind == JsonValue::Kind::String
+                                ? quoted(dtype->text)
+                                : std::string("(not a string)")));
     if (shape->kind != JsonValue::Kind::Array)
         throw format_error(where + ": shape is not a list");
     for (const auto& dim : shape->items) {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -505,4 +506,47 @@ def test_engine_errors_carry_their_kind(tmp_path):
 
     with pytest.raises(_C.EngineError, match=r"missing\.safetensors: cannot open") as error:
         _C.read_header(str(tmp_path / "missing.safetensors"))
+    assert error.value.kind == "io"
+
+
+def _copy_jobs(path: Path) -> tuple[bytes, list]:
+    """The header bytes and the _C.Job list that copy the file at `path` as it is."""
+    header = _C.read_header(str(path))
+    data_start = header["data_start"]
+    jobs = [
+        _C.Job(
+            name=name,
+            numel=math.prod(shape),
+            base_input=0,
+            base_offset=data_start + begin,
+            base_dtype=dtype,
+            out_dtype=dtype,
+            out_offset=data_start + begin,
+        )
+        for name, dtype, shape, begin, _ in header["tensors"]
+    ]
+    return path.read_bytes()[:data_start], jobs
+
+
+def test_combine_errors_carry_their_kind_and_name_file_and_tensor(tmp_path):
+    good = write_good(tmp_path / "good.safetensors")
+    header, jobs = _copy_jobs(good)
+    _C.combine(str(tmp_path / "copy.safetensors"), header, [str(good)], jobs, 2, None)
+    assert (tmp_path / "copy.safetensors").read_bytes() == good.read_bytes()
+
+    # the file was cut short after it was planned: a format error naming the file and tensor
+    good.write_bytes(good.read_bytes()[:-8])
+    with pytest.raises(_C.EngineError) as error:
+        _C.combine(str(tmp_path / "short.safetensors"), header, [str(good)], jobs, 1, None)
+    assert error.value.kind == "format"
+    assert str(error.value).startswith(f'{good}: reading tensor "b": unexpected end of file')
+
+    # an input that is gone, an output directory that is gone: the OS refuses, "io"
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(_C.EngineError, match=f"^{missing}: cannot open: ") as error:
+        _C.combine(str(tmp_path / "o.safetensors"), header, [str(missing)], jobs, 1, None)
+    assert error.value.kind == "io"
+    out = tmp_path / "gone" / "out.safetensors"
+    with pytest.raises(_C.EngineError, match=f"^{out}: cannot open: ") as error:
+        _C.combine(str(out), header, [str(good)], jobs, 1, None)
     assert error.value.kind == "io"
