@@ -290,4 +290,12 @@ PYBIND11_MODULE(_C, m) {
           "pool of threads, the GIL released; progress(bytes_done) is called about every "
           "100 ms.");
     m.attr("MAX_HEADER_BYTES") = sku::kMaxHeaderBytes;
+    py::dict itemsizes;
+    py::list floats;
+    for (const sku::DTypeInfo& info : sku::kDTypes) {
+        itemsizes[py::str(info.name)] = info.size;
+        if (info.arithmetic) floats.append(info.name);
+    }
+    m.attr("DTYPES") = itemsizes;  // {safetensors name: bytes per element}, every dtype
+    m.attr("FLOAT_DTYPES") = py::tuple(floats);  // the ones the engine does arithmetic on
 }

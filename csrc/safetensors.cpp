@@ -11,27 +11,6 @@ namespace sku {
 
 namespace {
 
-struct DTypeEntry {
-    const char* name;
-    DType dtype;
-    size_t size;
-};
-
-constexpr DTypeEntry kDTypes[] = {
-    {"BOOL", DType::Bool, 1}, {"U8", DType::U8, 1},   {"I8", DType::I8, 1},
-    {"F8_E5M2", DType::F8_E5M2, 1}, {"F8_E4M3", DType::F8_E4M3, 1},
-    {"I16", DType::I16, 2},   {"U16", DType::U16, 2}, {"F16", DType::F16, 2},
-    {"BF16", DType::BF16, 2}, {"I32", DType::I32, 4}, {"U32", DType::U32, 4},
-    {"F32", DType::F32, 4},   {"F64", DType::F64, 8}, {"I64", DType::I64, 8},
-    {"U64", DType::U64, 8},
-};
-
-const DTypeEntry& entry(DType dtype) {
-    for (const auto& e : kDTypes)
-        if (e.dtype == dtype) return e;
-    throw internal_error("internal: unknown dtype");
-}
-
 // The first bytes of a Git LFS pointer: the weights were never downloaded.
 constexpr char kLfsPrefix[] = "version https://git-lfs";
 
@@ -85,24 +64,6 @@ TensorInfo parse_tensor(const std::string& path, const std::string& name, const 
 }
 
 }  // namespace
-
-size_t dtype_size(DType dtype) { return entry(dtype).size; }
-
-const char* dtype_name(DType dtype) { return entry(dtype).name; }
-
-bool dtype_from_name(const std::string& name, DType& out) {
-    for (const auto& e : kDTypes) {
-        if (name == e.name) {
-            out = e.dtype;
-            return true;
-        }
-    }
-    return false;
-}
-
-bool dtype_is_arithmetic(DType dtype) {
-    return dtype == DType::F16 || dtype == DType::BF16 || dtype == DType::F32 || dtype == DType::F64;
-}
 
 Header read_header(const std::string& path) {
     File file(path, O_RDONLY);
