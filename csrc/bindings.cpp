@@ -11,6 +11,7 @@
 #include <variant>
 #include <vector>
 
+#include "cpu_features.hpp"
 #include "engine.hpp"
 #include "error.hpp"
 #include "safetensors.hpp"
@@ -289,6 +290,12 @@ PYBIND11_MODULE(_C, m) {
           "Writes one safetensors file from a list of _C.Job (see sku_fast.arithmetic) with a "
           "pool of threads, the GIL released; progress(bytes_done) is called about every "
           "100 ms.");
+    m.def("vector_level", &sku::vector_level,
+          "The vector instruction set the native loops run with: 0 portable, 1 AVX2 (+FMA, "
+          "F16C), 2 AVX-512. The best the CPU has, capped by SKU_FAST_ISA=sse2|avx2.");
+    m.def("set_vector_level", &sku::set_vector_level, py::arg("level"),
+          "Test hook: run at min(level, the CPU's best) from now on; returns that level. Every "
+          "level gives the same bits.");
     m.attr("MAX_HEADER_BYTES") = sku::kMaxHeaderBytes;
     py::dict itemsizes;
     py::list floats;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -557,3 +558,49 @@ def test_native_jobs_are_typed_and_readable():
         _C.DenseTerm(1.0, 0, 0, "F32")  # keywords only
     with pytest.raises(TypeError, match="jobs must be _C.Job objects, got <class 'tuple'>"):
         _C.combine("/nonexistent/x", b"", [], [("q", 24)], 1, None)
+
+
+@pytest.fixture
+def set_vector_level():
+    """_C.set_vector_level for one test; the level in effect before is restored after."""
+    before = _C.vector_level()
+    yield _C.set_vector_level
+    _C.set_vector_level(before)
+
+
+def test_every_vector_level_writes_the_portable_bytes(tmp_path, monkeypatch, set_vector_level):
+    """In process: each level this CPU has (0 portable, 1 AVX2, 2 AVX-512) writes the same
+    bytes for the fused one-model path, the general path (an output dtype change) and LoRA."""
+    spec = {
+        "bf16": ((517, 263), torch.bfloat16),
+        "f16": ((1003,), torch.float16),
+        "f32": ((77, 3), torch.float32),
+        "lr": ((301, 211), torch.bfloat16),
+    }
+    base = random_tensors(spec, seed=92)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(perturb(base, 93), tmp_path / "tuned.safetensors")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    left, right = _factors(301, 211, 5, 94)
+    monkeypatch.setattr(lora, "is_adapter_dir", lambda path: Path(path) == adapter)
+    monkeypatch.setattr(
+        lora, "adapter_deltas", lambda path, shapes: {"lr": lora.LowRankDelta(left, right, 0.5)}
+    )
+    outputs = {}
+    for level in (0, 1, 2):
+        if set_vector_level(level) != level:
+            continue  # this CPU lacks it
+        runs = [
+            negate(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "d"),
+            negate(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "g",
+                   dtype="f32"),
+            negate(tmp_path / "base.safetensors", adapter, tmp_path / "l"),
+        ]  # fmt: skip
+        outputs[level] = [(out / "model.safetensors").read_bytes() for out in runs]
+        for out in runs:
+            shutil.rmtree(out)
+    assert 0 in outputs
+    for level, got in outputs.items():
+        assert got == outputs[0], f"level {level} differs from the portable loops"
