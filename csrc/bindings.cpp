@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <variant>
@@ -15,6 +16,7 @@
 #include "engine.hpp"
 #include "error.hpp"
 #include "safetensors.hpp"
+#include "token_loss.hpp"
 
 namespace py = pybind11;
 
@@ -196,6 +198,41 @@ void combine(const std::string& out_path, const py::bytes& header,
     if (callback_error) throw std::move(*callback_error);
 }
 
+// The token loss takes raw addresses (tensor.data_ptr()) so that this file needs no torch:
+// sku_fast/native_token_loss.py checks the tensors and keeps them alive for the call.
+void token_loss_rows(uintptr_t logits, const std::string& logits_dtype, int64_t rows,
+                     int64_t vocab, int64_t logits_stride, uintptr_t labels,
+                     std::optional<uintptr_t> ref_logits, const std::string& ref_dtype,
+                     int64_t ref_stride, uintptr_t ce_weight, uintptr_t kl_weight,
+                     int64_t ignore_index, std::optional<uintptr_t> grad,
+                     const std::string& grad_dtype, int64_t grad_stride, uintptr_t loss,
+                     unsigned threads) {
+    sku::TokenLossArgs args;
+    args.rows = rows;
+    args.vocab = vocab;
+    args.logits = reinterpret_cast<const void*>(logits);
+    args.logits_dtype = dtype_named(logits_dtype);
+    args.logits_stride = logits_stride;
+    args.labels = reinterpret_cast<const int64_t*>(labels);
+    if (ref_logits) {
+        args.ref = reinterpret_cast<const void*>(*ref_logits);
+        args.ref_dtype = dtype_named(ref_dtype);
+        args.ref_stride = ref_stride;
+    }
+    args.ce_weight = reinterpret_cast<const float*>(ce_weight);
+    args.kl_weight = reinterpret_cast<const float*>(kl_weight);
+    args.ignore_index = ignore_index;
+    if (grad) {
+        args.grad = reinterpret_cast<void*>(*grad);
+        args.grad_dtype = dtype_named(grad_dtype);
+        args.grad_stride = grad_stride;
+    }
+    args.loss = reinterpret_cast<float*>(loss);
+    args.threads = threads;
+    py::gil_scoped_release release;
+    sku::token_loss_rows(args);
+}
+
 // sku::EngineError -> _C.EngineError(message) with .kind = "format" | "io" | "memory" |
 // "cancelled" | "internal". The type lives as long as the process (a module is never unloaded).
 PyObject* g_engine_error = nullptr;
@@ -213,7 +250,7 @@ void translate_engine_error(std::exception_ptr p) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "sku-fast native task-vector engine";
+    m.doc() = "sku-fast native core: the streaming task-vector engine and the CPU token loss";
     py::object base = py::module_::import("sku_fast.errors").attr("CheckpointError");
     g_engine_error = PyErr_NewExceptionWithDoc(
         "sku_fast._C.EngineError",
@@ -290,6 +327,18 @@ PYBIND11_MODULE(_C, m) {
           "Writes one safetensors file from a list of _C.Job (see sku_fast.arithmetic) with a "
           "pool of threads, the GIL released; progress(bytes_done) is called about every "
           "100 ms.");
+    m.def("token_loss_rows", &token_loss_rows, py::kw_only(), py::arg("logits"),
+          py::arg("logits_dtype"), py::arg("rows"), py::arg("vocab"), py::arg("logits_stride"),
+          py::arg("labels"), py::arg("ref_logits") = py::none(), py::arg("ref_dtype") = "F32",
+          py::arg("ref_stride") = 0, py::arg("ce_weight"), py::arg("kl_weight"),
+          py::arg("ignore_index"), py::arg("grad") = py::none(), py::arg("grad_dtype") = "F32",
+          py::arg("grad_stride") = 0, py::arg("loss"), py::arg("threads") = 1,
+          "Per-row fused token loss a*CE(z, y) + b*KL(softmax(z') || softmax(z)) and its "
+          "gradient on the CPU, the GIL released. Buffers are raw addresses: logits, "
+          "ref_logits and grad [rows, vocab] (F32/BF16/F16, rows `*_stride` elements apart, "
+          "grad may be the logits buffer), labels int64 [rows], ce_weight, kl_weight and the "
+          "output loss fp32 [rows]. ValueError with the numbers for bad sizes, dtypes or "
+          "labels (see sku_fast.native_token_loss for the checked Python entry point).");
     m.def("vector_level", &sku::vector_level,
           "The vector instruction set the native loops run with: 0 portable, 1 AVX2 (+FMA, "
           "F16C), 2 AVX-512. The best the CPU has, capped by SKU_FAST_ISA=sse2|avx2.");

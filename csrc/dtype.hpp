@@ -7,7 +7,9 @@
 
 namespace sku {
 
-enum class DType { Bool, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64 };
+enum class DType {
+    Bool, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64
+};
 
 struct DTypeInfo {
     DType dtype;
