@@ -141,8 +141,10 @@ struct WorkItem {
 // What to tell the user when an allocation fails: each thread holds about a chunk of every input
 // mapped and a chunk of output, so fewer threads need less memory.
 std::string out_of_memory(const Plan& plan, const std::string& while_doing) {
-    return plan.out_path + ": out of memory while " + while_doing + " with " +
-           std::to_string(plan.threads) +
+    const std::string what = plan.out_path + ": out of memory while " + while_doing;
+    if (plan.threads <= 1)
+        return what + " (about 1 MiB of every input and of the output at a time); free some memory";
+    return what + " with " + std::to_string(plan.threads) +
            " threads (each holds about 1 MiB of every input and of the output); run with fewer "
            "threads (threads=1, --threads 1) or free some memory";
 }

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -550,3 +551,49 @@ def test_combine_errors_carry_their_kind_and_name_file_and_tensor(tmp_path):
     with pytest.raises(_C.EngineError, match=f"^{out}: cannot open: ") as error:
         _C.combine(str(out), header, [str(good)], jobs, 1, None)
     assert error.value.kind == "io"
+
+
+MEMORY_SCRIPT = """
+import json, re, resource, struct, sys
+from pathlib import Path
+from sku_fast import _C
+path, threads, headroom = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data = struct.pack("<262144f", *range(262144))  # 1 MiB: one work item
+header = json.dumps({"w": {"dtype": "F32", "shape": [262144], "data_offsets": [0, 1 << 20]}})
+path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + data)
+start = _C.read_header(str(path))["data_start"]
+job = _C.Job(name="w", numel=262144, base_input=0, base_offset=start, base_dtype="F32",
+             out_dtype="F32", out_offset=start,
+             terms=[_C.DenseTerm(weight=-1.0, input=0, offset=start, dtype="F32")])
+size = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + headroom, resource.RLIM_INFINITY))
+try:
+    _C.combine(str(path) + ".out", path.read_bytes()[:start], [str(path)], [job], threads, None)
+except _C.EngineError as error:
+    print(error.kind + "|" + str(error))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_out_of_memory_is_a_memory_error_that_says_what_to_do(tmp_path, threads):
+    """Under an address-space limit: with 4 threads the workers cannot start; with one, the
+    worker starts (its stack fits) and the chunk's buffers do not."""
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    if stack == resource.RLIM_INFINITY:
+        pytest.skip("unlimited stack size: thread stacks have no predictable size")
+    headroom = 1 << 20 if threads > 1 else stack + (600 << 10)
+    path = tmp_path / "m.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path), str(threads), str(headroom)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kind, message = done.stdout.strip().split("|", 1)
+    assert kind == "memory"
+    if threads > 1:
+        assert message.startswith(f"{path}.out: cannot start 4 threads (")
+        assert message.endswith("); run with fewer threads")
+    else:
+        assert message.startswith(f'{path}.out: out of memory while computing tensor "w" (')
+        assert message.endswith("free some memory")
