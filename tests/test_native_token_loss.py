@@ -60,7 +60,8 @@ def _case(case_id: str):
         zr[4, 50:60] = -torch.inf  # only the reference rules tokens out: the KL stays finite
         zr[5] = z[5] + 1e4  # same distribution far away: log Z comes from lse' − lse
         zr[6, 3] = 1e4  # reference puts all its mass where the model puts almost none
-        z[7, 100:] = -100.0  # exp underflows to subnormal and zero
+        z[7, 100:] = -100.0  # exp underflows to zero...
+        z[7, 100:150] = zr[7, 100:150] = -92.0  # ...and to subnormals, in p and p' alike
         y[3], y[7] = 0, 150
     elif case_id == "near-identical-16x1000":
         zr = z + 1e-3 * torch.randn(n, v, generator=g)
