@@ -35,7 +35,9 @@ from sku_fast.native_token_loss import token_loss_rows_native
 from sku_fast.ops import token_loss
 
 IGNORE = -100
-ROUNDS = 3
+# best of 5 for the variants that take well under a second, of 3 for eager and chunked: the
+# minimum is what survives other jobs on a shared machine
+ROUNDS = {"eager": 3, "chunked": 3}
 SHAPES = [
     (2048, 32000, torch.float32),
     (2048, 32000, torch.bfloat16),
@@ -106,7 +108,9 @@ class _NativeLoss(torch.autograd.Function):
 def _native_loss(z, y, zr, a, b, inplace=False):
     valid = y != IGNORE
     scale = valid.float() / valid.sum().clamp_min(1)  # "mean" folded into the row weights
-    return _NativeLoss.apply(z, y, zr, a * scale, b * scale, inplace)
+    # a view, as ops.token_loss passes: the gradient reaches the leaf through the view's
+    # backward, so autograd can keep the buffer as .grad instead of copying it
+    return _NativeLoss.apply(z.view(-1, z.shape[-1]), y, zr, a * scale, b * scale, inplace)
 
 
 VARIANTS = {
@@ -171,7 +175,7 @@ def test_native_token_loss(benchmark, shape, variant):
     benchmark.pedantic(
         _run,
         setup=lambda: ((fn, z.clone().requires_grad_(), args), {}),
-        rounds=ROUNDS,
+        rounds=ROUNDS.get(variant, 5),
         iterations=1,
     )
 
