@@ -13,7 +13,7 @@ native_engine = Pybind11Extension(
     "sku_fast._C",
     sorted(glob("csrc/*.cpp")),
     include_dirs=["csrc"],
-    depends=sorted(glob("csrc/*.hpp")),
+    depends=sorted(glob("csrc/*.hpp") + glob("csrc/*.inc")),
     cxx_std=17,
     # no fused multiply-add contraction: results must be bit-identical to the reference
     extra_compile_args=["-O3", "-ffp-contract=off"],

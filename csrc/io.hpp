@@ -26,7 +26,7 @@ class File {
         do {
             fd_ = ::open(path.c_str(), flags | O_CLOEXEC, mode);
         } while (fd_ < 0 && errno == EINTR);
-        if (fd_ < 0) throw EngineError(path + ": cannot open: " + errno_text(errno));
+        if (fd_ < 0) throw io_error(path + ": cannot open: " + errno_text(errno));
     }
     File(const File&) = delete;
     File& operator=(const File&) = delete;
@@ -40,7 +40,7 @@ class File {
 
     uint64_t size() const {
         struct stat st;
-        if (::fstat(fd_, &st) != 0) throw EngineError(path_ + ": cannot stat: " + errno_text(errno));
+        if (::fstat(fd_, &st) != 0) throw io_error(path_ + ": cannot stat: " + errno_text(errno));
         return uint64_t(st.st_size);
     }
 
@@ -51,11 +51,11 @@ class File {
             ssize_t got = ::pread(fd_, p, n, off_t(offset));
             if (got < 0) {
                 if (errno == EINTR) continue;
-                throw EngineError(path_ + ": reading " + what + ": " + errno_text(errno));
+                throw io_error(path_ + ": reading " + what + ": " + errno_text(errno));
             }
             if (got == 0)
-                throw EngineError(path_ + ": reading " + what + ": unexpected end of file at byte " +
-                                  std::to_string(offset));
+                throw format_error(path_ + ": reading " + what +
+                                   ": unexpected end of file at byte " + std::to_string(offset));
             p += got;
             n -= size_t(got);
             offset += uint64_t(got);
@@ -68,9 +68,9 @@ class File {
             ssize_t put = ::pwrite(fd_, p, n, off_t(offset));
             if (put < 0) {
                 if (errno == EINTR) continue;
-                throw EngineError(path_ + ": writing " + what + ": " + errno_text(errno));
+                throw io_error(path_ + ": writing " + what + ": " + errno_text(errno));
             }
-            if (put == 0) throw EngineError(path_ + ": writing " + what + ": no progress");
+            if (put == 0) throw io_error(path_ + ": writing " + what + ": no progress");
             p += put;
             n -= size_t(put);
             offset += uint64_t(put);
@@ -78,10 +78,10 @@ class File {
     }
 
     void sync_and_close() {
-        if (::fsync(fd_) != 0) throw EngineError(path_ + ": fsync failed: " + errno_text(errno));
+        if (::fsync(fd_) != 0) throw io_error(path_ + ": fsync failed: " + errno_text(errno));
         int fd = fd_;
         fd_ = -1;
-        if (::close(fd) != 0) throw EngineError(path_ + ": close failed: " + errno_text(errno));
+        if (::close(fd) != 0) throw io_error(path_ + ": close failed: " + errno_text(errno));
     }
 
    private:
@@ -99,8 +99,8 @@ class Mapping {
         if (n == 0) return;
         // a file cut short after its header was read would raise SIGBUS instead of an error
         if (offset + n > file.size())
-            throw EngineError(file.path() + ": reading " + what + ": unexpected end of file at byte " +
-                              std::to_string(file.size()));
+            throw format_error(file.path() + ": reading " + what +
+                               ": unexpected end of file at byte " + std::to_string(file.size()));
         static const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
         const uint64_t start = offset - offset % page;
         length_ = n + size_t(offset - start);

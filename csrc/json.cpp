@@ -29,8 +29,8 @@ class Parser {
     size_t pos_ = 0;
 
     [[noreturn]] void fail(const std::string& what) const {
-        throw EngineError(where_ + ": invalid JSON header at byte " + std::to_string(pos_) + ": " +
-                          what);
+        throw format_error(where_ + ": invalid JSON header at byte " + std::to_string(pos_) + ": " +
+                           what);
     }
 
     void skip_ws() {

@@ -11,27 +11,6 @@ namespace sku {
 
 namespace {
 
-struct DTypeEntry {
-    const char* name;
-    DType dtype;
-    size_t size;
-};
-
-constexpr DTypeEntry kDTypes[] = {
-    {"BOOL", DType::Bool, 1}, {"U8", DType::U8, 1},   {"I8", DType::I8, 1},
-    {"F8_E5M2", DType::F8_E5M2, 1}, {"F8_E4M3", DType::F8_E4M3, 1},
-    {"I16", DType::I16, 2},   {"U16", DType::U16, 2}, {"F16", DType::F16, 2},
-    {"BF16", DType::BF16, 2}, {"I32", DType::I32, 4}, {"U32", DType::U32, 4},
-    {"F32", DType::F32, 4},   {"F64", DType::F64, 8}, {"I64", DType::I64, 8},
-    {"U64", DType::U64, 8},
-};
-
-const DTypeEntry& entry(DType dtype) {
-    for (const auto& e : kDTypes)
-        if (e.dtype == dtype) return e;
-    throw EngineError("internal: unknown dtype");
-}
-
 // The first bytes of a Git LFS pointer: the weights were never downloaded.
 constexpr char kLfsPrefix[] = "version https://git-lfs";
 
@@ -40,26 +19,27 @@ std::string quoted(const std::string& name) { return "\"" + name + "\""; }
 TensorInfo parse_tensor(const std::string& path, const std::string& name, const JsonValue& value) {
     std::string where = path + ": tensor " + quoted(name);
     if (value.kind != JsonValue::Kind::Object)
-        throw EngineError(where + ": entry is not an object");
+        throw format_error(where + ": entry is not an object");
     const JsonValue* dtype = value.find("dtype");
     const JsonValue* shape = value.find("shape");
     const JsonValue* offsets = value.find("data_offsets");
     if (dtype == nullptr || shape == nullptr || offsets == nullptr)
-        throw EngineError(where + ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
+        throw format_error(where + ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
 
     TensorInfo info;
     info.name = name;
     if (dtype->kind != JsonValue::Kind::String || !dtype_from_name(dtype->text, info.dtype))
-        throw EngineError(where + ": unknown dtype " +
-                          (dtype->kind == JsonValue::Kind::String ? quoted(dtype->text)
-                                                                  : std::string("(not a string)")));
+        throw format_error(where + ": unknown dtype " +
+                           (dtype->kind == JsonValue::Kind::String
+                                ? quoted(dtype->text)
+                                : std::string("(not a string)")));
     if (shape->kind != JsonValue::Kind::Array)
-        throw EngineError(where + ": shape is not a list");
+        throw format_error(where + ": shape is not a list");
     for (const auto& dim : shape->items) {
         uint64_t d = 0;
         if (!json_to_u64(dim, d))
-            throw EngineError(where + ": shape entry " + dim.text +
-                              " is not a non-negative integer");
+            throw format_error(where + ": shape entry " + dim.text +
+                               " is not a non-negative integer");
         info.shape.push_back(d);
     }
     // numel * itemsize, checked for overflow (a zero dimension makes any shape empty)
@@ -67,41 +47,23 @@ TensorInfo parse_tensor(const std::string& path, const std::string& name, const 
     if (std::find(info.shape.begin(), info.shape.end(), 0) != info.shape.end()) bytes = 0;
     for (uint64_t d : info.shape) {
         if (bytes != 0 && d > UINT64_MAX / bytes)
-            throw EngineError(where + ": shape x dtype size overflows 64 bits");
+            throw format_error(where + ": shape x dtype size overflows 64 bits");
         bytes *= d;
     }
 
     if (offsets->kind != JsonValue::Kind::Array || offsets->items.size() != 2 ||
         !json_to_u64(offsets->items[0], info.begin) || !json_to_u64(offsets->items[1], info.end))
-        throw EngineError(where + ": data_offsets must be two non-negative integers");
+        throw format_error(where + ": data_offsets must be two non-negative integers");
     if (info.end < info.begin)
-        throw EngineError(where + ": data_offsets [" + std::to_string(info.begin) + ", " +
-                          std::to_string(info.end) + "] end before they begin");
+        throw format_error(where + ": data_offsets [" + std::to_string(info.begin) + ", " +
+                           std::to_string(info.end) + "] end before they begin");
     if (info.end - info.begin != bytes)
-        throw EngineError(where + ": shape x dtype size is " + std::to_string(bytes) +
-                          " bytes but data_offsets span " + std::to_string(info.end - info.begin));
+        throw format_error(where + ": shape x dtype size is " + std::to_string(bytes) +
+                           " bytes but data_offsets span " + std::to_string(info.end - info.begin));
     return info;
 }
 
 }  // namespace
-
-size_t dtype_size(DType dtype) { return entry(dtype).size; }
-
-const char* dtype_name(DType dtype) { return entry(dtype).name; }
-
-bool dtype_from_name(const std::string& name, DType& out) {
-    for (const auto& e : kDTypes) {
-        if (name == e.name) {
-            out = e.dtype;
-            return true;
-        }
-    }
-    return false;
-}
-
-bool dtype_is_arithmetic(DType dtype) {
-    return dtype == DType::F16 || dtype == DType::BF16 || dtype == DType::F32 || dtype == DType::F64;
-}
 
 Header read_header(const std::string& path) {
     File file(path, O_RDONLY);
@@ -111,39 +73,39 @@ Header read_header(const std::string& path) {
     if (header.file_size >= sizeof(prefix)) {
         file.read_at(prefix, sizeof(prefix), 0, "the header");
         if (std::memcmp(prefix, kLfsPrefix, sizeof(prefix)) == 0)
-            throw EngineError(path +
-                              ": is a Git LFS pointer file, not the weights (run `git lfs pull`)");
+            throw format_error(path +
+                               ": is a Git LFS pointer file, not the weights (run `git lfs pull`)");
     }
     if (header.file_size < 8)
-        throw EngineError(path + ": file is " + std::to_string(header.file_size) +
-                          " bytes, too short for a safetensors header");
+        throw format_error(path + ": file is " + std::to_string(header.file_size) +
+                           " bytes, too short for a safetensors header");
     unsigned char length_bytes[8];
     file.read_at(length_bytes, 8, 0, "the header length");
     uint64_t length = 0;
     for (int i = 7; i >= 0; --i) length = (length << 8) | length_bytes[i];  // little-endian
     if (length > kMaxHeaderBytes)
-        throw EngineError(path + ": header length " + std::to_string(length) +
-                          " exceeds the 100 MB limit");
+        throw format_error(path + ": header length " + std::to_string(length) +
+                           " exceeds the 100 MB limit");
     if (length > header.file_size - 8)
-        throw EngineError(path + ": header length " + std::to_string(length) +
-                          " runs past the end of the file (" + std::to_string(header.file_size) +
-                          " bytes)");
+        throw format_error(path + ": header length " + std::to_string(length) +
+                           " runs past the end of the file (" + std::to_string(header.file_size) +
+                           " bytes)");
     header.data_start = 8 + length;
 
     std::string text(length, '\0');
     file.read_at(text.data(), length, 8, "the header");
     JsonValue root = parse_json(text, path);
     if (root.kind != JsonValue::Kind::Object)
-        throw EngineError(path + ": header is not a JSON object");
+        throw format_error(path + ": header is not a JSON object");
 
     for (const auto& [name, value] : root.members) {
         if (name == "__metadata__") {
             if (value.kind != JsonValue::Kind::Object)
-                throw EngineError(path + ": __metadata__ is not an object");
+                throw format_error(path + ": __metadata__ is not an object");
             for (const auto& [key, item] : value.members) {
                 if (item.kind != JsonValue::Kind::String)
-                    throw EngineError(path + ": __metadata__ value of " + quoted(key) +
-                                      " is not a string");
+                    throw format_error(path + ": __metadata__ value of " + quoted(key) +
+                                       " is not a string");
                 header.metadata.emplace_back(key, item.text);
             }
             continue;
@@ -159,17 +121,17 @@ Header read_header(const std::string& path) {
     uint64_t expected = 0;
     for (const auto& t : header.tensors) {
         if (t.begin != expected)
-            throw EngineError(path + ": tensor " + quoted(t.name) + ": data_offsets begin at " +
-                              std::to_string(t.begin) + " but the previous tensor ends at " +
-                              std::to_string(expected) +
-                              (t.begin < expected ? " (overlap)" : " (gap)"));
+            throw format_error(path + ": tensor " + quoted(t.name) + ": data_offsets begin at " +
+                               std::to_string(t.begin) + " but the previous tensor ends at " +
+                               std::to_string(expected) +
+                               (t.begin < expected ? " (overlap)" : " (gap)"));
         expected = t.end;
     }
     uint64_t data_size = header.file_size - header.data_start;
     if (expected != data_size)
-        throw EngineError(path + ": tensors end at data byte " + std::to_string(expected) +
-                          " but the data section has " + std::to_string(data_size) + " bytes" +
-                          (expected < data_size ? " (trailing bytes)" : " (file truncated)"));
+        throw format_error(path + ": tensors end at data byte " + std::to_string(expected) +
+                           " but the data section has " + std::to_string(data_size) + " bytes" +
+                           (expected < data_size ? " (trailing bytes)" : " (file truncated)"));
     return header;
 }
 

@@ -7,17 +7,9 @@
 #include <utility>
 #include <vector>
 
+#include "dtype.hpp"
+
 namespace sku {
-
-enum class DType { Bool, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64 };
-
-// Bytes per element.
-size_t dtype_size(DType dtype);
-// "BF16" -> DType::BF16; false when the name is unknown.
-bool dtype_from_name(const std::string& name, DType& out);
-const char* dtype_name(DType dtype);
-// Floating dtypes the engine does arithmetic on (F8 formats are copied, never combined).
-bool dtype_is_arithmetic(DType dtype);
 
 struct TensorInfo {
     std::string name;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -447,19 +448,18 @@ def test_native_low_rank_term_rejects_bad_factors(tmp_path):
     header = _C.read_header(str(tmp_path / "base.safetensors"))
     _, _, _, begin, _ = header["tensors"][0]
     left, right = _factors(4, 5, 2, 71)  # right has 5 columns, the tensor 6
-    job = (
-        "q",
-        24,
-        6,
-        0,
-        header["data_start"] + begin,
-        "F32",
-        "F32",
-        0,
-        [("low_rank", 1.0, left, right)],
-    )
-    with pytest.raises(CheckpointError, match=r'tensor "q": low-rank factors do not multiply'):
-        _C.combine(str(tmp_path / "x"), b"", [str(tmp_path / "base.safetensors")], [job], 1, None)
+    with pytest.raises(CheckpointError, match=r'tensor "q": low-rank factors .* do not multiply'):
+        _C.Job(
+            name="q",
+            numel=24,
+            cols=6,
+            base_input=0,
+            base_offset=header["data_start"] + begin,
+            base_dtype="F32",
+            out_dtype="F32",
+            out_offset=0,
+            terms=[_C.LowRankTerm(weight=1.0, left=left, right=right)],
+        )
     assert issubclass(_C.EngineError, CheckpointError)
 
 
@@ -527,3 +527,81 @@ def test_every_vector_variant_matches_the_reference(tmp_path, isa):
     got = load_file(tmp_path / f"lora-{isa}" / "model.safetensors")
     ref = combine_reference(base, [(-0.5, {"lr": (left, right)})])
     assert_bitwise_equal(got, ref)
+
+
+def test_native_jobs_are_typed_and_readable():
+    left = np.ones((4, 2), dtype=np.float64)  # converted to float32
+    right = np.ones((2, 6), dtype=np.float32)
+    dense = _C.DenseTerm(weight=-1.0, input=1, offset=128, dtype="BF16")
+    low_rank = _C.LowRankTerm(weight=0.5, left=left, right=right)
+    job = _C.Job(
+        name="q",
+        numel=24,
+        cols=6,
+        base_input=0,
+        base_offset=64,
+        base_dtype="BF16",
+        out_dtype="F32",
+        out_offset=8,
+        terms=[dense, low_rank],
+    )
+    assert repr(dense) == "DenseTerm(weight=-1.0, input=1, offset=128, dtype='BF16')"
+    assert repr(low_rank) == "LowRankTerm(weight=0.5, left=float32[4, 2], right=float32[2, 6])"
+    assert repr(job) == (
+        "Job(name='q', numel=24, cols=6, base_input=0, base_offset=64, base_dtype='BF16', "
+        "out_dtype='F32', out_offset=8, terms=[" + repr(dense) + ", " + repr(low_rank) + "])"
+    )
+    assert (job.name, job.out_dtype, len(job.terms)) == ("q", "F32", 2)
+    assert low_rank.left.dtype == np.float32
+    with pytest.raises(ValueError, match="unknown dtype 'F12'"):
+        _C.DenseTerm(weight=1.0, input=0, offset=0, dtype="F12")
+    with pytest.raises(TypeError):
+        _C.DenseTerm(1.0, 0, 0, "F32")  # keywords only
+    with pytest.raises(TypeError, match="jobs must be _C.Job objects, got <class 'tuple'>"):
+        _C.combine("/nonexistent/x", b"", [], [("q", 24)], 1, None)
+
+
+@pytest.fixture
+def set_vector_level():
+    """_C.set_vector_level for one test; the level in effect before is restored after."""
+    before = _C.vector_level()
+    yield _C.set_vector_level
+    _C.set_vector_level(before)
+
+
+def test_every_vector_level_writes_the_portable_bytes(tmp_path, monkeypatch, set_vector_level):
+    """In process: each level this CPU has (0 portable, 1 AVX2, 2 AVX-512) writes the same
+    bytes for the fused one-model path, the general path (an output dtype change) and LoRA."""
+    spec = {
+        "bf16": ((517, 263), torch.bfloat16),
+        "f16": ((1003,), torch.float16),
+        "f32": ((77, 3), torch.float32),
+        "lr": ((301, 211), torch.bfloat16),
+    }
+    base = random_tensors(spec, seed=92)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(perturb(base, 93), tmp_path / "tuned.safetensors")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    left, right = _factors(301, 211, 5, 94)
+    monkeypatch.setattr(lora, "is_adapter_dir", lambda path: Path(path) == adapter)
+    monkeypatch.setattr(
+        lora, "adapter_deltas", lambda path, shapes: {"lr": lora.LowRankDelta(left, right, 0.5)}
+    )
+    outputs = {}
+    for level in (0, 1, 2):
+        if set_vector_level(level) != level:
+            continue  # this CPU lacks it
+        runs = [
+            negate(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "d"),
+            negate(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "g",
+                   dtype="f32"),
+            negate(tmp_path / "base.safetensors", adapter, tmp_path / "l"),
+        ]  # fmt: skip
+        outputs[level] = [(out / "model.safetensors").read_bytes() for out in runs]
+        for out in runs:
+            shutil.rmtree(out)
+    assert 0 in outputs
+    for level, got in outputs.items():
+        assert got == outputs[0], f"level {level} differs from the portable loops"

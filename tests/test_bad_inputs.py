@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
+import resource
 import shutil
 import struct
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sku_fast import _C
 from sku_fast.engine.arithmetic import negate, task_arithmetic
 from sku_fast.engine.checkpoint import INDEX_NAME, read_file
 from sku_fast.errors import CheckpointError
@@ -1049,3 +1052,107 @@ def test_absurd_thread_counts_are_usage_errors(tmp_path):
     status, printed = run_engine_command([*map(str, args), "--threads", str(10**11)], False)
     assert status == 2 and "is not in the range 1<=x<=4096" in printed, printed
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_errors_carry_their_kind(tmp_path):
+    """_C.EngineError (a CheckpointError, message as before) says what sort of problem it met:
+    "format" for a broken file, "io" for one the operating system refuses."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(CORPUS["invalid_json"][0])
+    with pytest.raises(_C.EngineError, match=r"bad\.safetensors: invalid JSON header") as error:
+        _C.read_header(str(bad))
+    assert error.value.kind == "format"
+    assert isinstance(error.value, CheckpointError)
+
+    with pytest.raises(_C.EngineError, match=r"missing\.safetensors: cannot open") as error:
+        _C.read_header(str(tmp_path / "missing.safetensors"))
+    assert error.value.kind == "io"
+
+
+def _copy_jobs(path: Path) -> tuple[bytes, list]:
+    """The header bytes and the _C.Job list that copy the file at `path` as it is."""
+    header = _C.read_header(str(path))
+    data_start = header["data_start"]
+    jobs = [
+        _C.Job(
+            name=name,
+            numel=math.prod(shape),
+            base_input=0,
+            base_offset=data_start + begin,
+            base_dtype=dtype,
+            out_dtype=dtype,
+            out_offset=data_start + begin,
+        )
+        for name, dtype, shape, begin, _ in header["tensors"]
+    ]
+    return path.read_bytes()[:data_start], jobs
+
+
+def test_combine_errors_carry_their_kind_and_name_file_and_tensor(tmp_path):
+    good = write_good(tmp_path / "good.safetensors")
+    header, jobs = _copy_jobs(good)
+    _C.combine(str(tmp_path / "copy.safetensors"), header, [str(good)], jobs, 2, None)
+    assert (tmp_path / "copy.safetensors").read_bytes() == good.read_bytes()
+
+    # the file was cut short after it was planned: a format error naming the file and tensor
+    good.write_bytes(good.read_bytes()[:-8])
+    with pytest.raises(_C.EngineError) as error:
+        _C.combine(str(tmp_path / "short.safetensors"), header, [str(good)], jobs, 1, None)
+    assert error.value.kind == "format"
+    assert str(error.value).startswith(f'{good}: reading tensor "b": unexpected end of file')
+
+    # an input that is gone, an output directory that is gone: the OS refuses, "io"
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(_C.EngineError, match=f"^{missing}: cannot open: ") as error:
+        _C.combine(str(tmp_path / "o.safetensors"), header, [str(missing)], jobs, 1, None)
+    assert error.value.kind == "io"
+    out = tmp_path / "gone" / "out.safetensors"
+    with pytest.raises(_C.EngineError, match=f"^{out}: cannot open: ") as error:
+        _C.combine(str(out), header, [str(good)], jobs, 1, None)
+    assert error.value.kind == "io"
+
+
+MEMORY_SCRIPT = """
+import json, re, resource, struct, sys
+from pathlib import Path
+from sku_fast import _C
+path, threads, headroom = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data = struct.pack("<262144f", *range(262144))  # 1 MiB: one work item
+header = json.dumps({"w": {"dtype": "F32", "shape": [262144], "data_offsets": [0, 1 << 20]}})
+path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + data)
+start = _C.read_header(str(path))["data_start"]
+job = _C.Job(name="w", numel=262144, base_input=0, base_offset=start, base_dtype="F32",
+             out_dtype="F32", out_offset=start,
+             terms=[_C.DenseTerm(weight=-1.0, input=0, offset=start, dtype="F32")])
+size = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + headroom, resource.RLIM_INFINITY))
+try:
+    _C.combine(str(path) + ".out", path.read_bytes()[:start], [str(path)], [job], threads, None)
+except _C.EngineError as error:
+    print(error.kind + "|" + str(error))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_out_of_memory_is_a_memory_error_that_says_what_to_do(tmp_path, threads):
+    """Under an address-space limit: with 4 threads the workers cannot start; with one, the
+    worker starts (its stack fits) and the chunk's buffers do not."""
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    if stack == resource.RLIM_INFINITY:
+        pytest.skip("unlimited stack size: thread stacks have no predictable size")
+    headroom = 1 << 20 if threads > 1 else stack + (600 << 10)
+    path = tmp_path / "m.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path), str(threads), str(headroom)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kind, message = done.stdout.strip().split("|", 1)
+    assert kind == "memory"
+    if threads > 1:
+        assert message.startswith(f"{path}.out: cannot start 4 threads (")
+        assert message.endswith("); run with fewer threads")
+    else:
+        assert message.startswith(f'{path}.out: out of memory while computing tensor "w" (')
+        assert message.endswith("free some memory")

@@ -252,3 +252,16 @@ def test_compatibility_ignores_shard_layout(tmp_path):
         CheckpointError, match=r"tensor 'c' has shape \[2\] but the base .* has \[1\]"
     ):
         check_compatible(sharded, open_checkpoint(merged))
+
+
+def test_one_dtype_table_from_the_native_core():
+    """_C.DTYPES and _C.FLOAT_DTYPES come from the C++ table the header reader uses; their
+    sizes agree with the dtypes the safetensors library maps each name to."""
+    import safetensors.torch
+
+    from sku_fast.engine import checkpoint
+
+    assert checkpoint.ITEMSIZE is _C.DTYPES and checkpoint.FLOAT_DTYPES is _C.FLOAT_DTYPES
+    assert _C.FLOAT_DTYPES == ("F16", "BF16", "F32", "F64")
+    for name, size in _C.DTYPES.items():
+        assert safetensors.torch._TYPES[name].itemsize == size, name

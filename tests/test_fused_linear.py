@@ -13,7 +13,7 @@ from sku_fast.ops import FusedLinearTokenLoss, fused_linear_token_loss, linear_p
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 IGNORE = -100
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "native", "triton"]
 
 
 def _upstream(reduction, shape, seed=1):

@@ -13,7 +13,7 @@ from sku_fast.ops import TokenLoss, cross_entropy, kl_div, token_loss
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 IGNORE = -100
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "native", "triton"]
 
 
 def _batch(shape=(3, 7), v=211, seed=0):

@@ -75,7 +75,7 @@ def default_threads() -> int:
 class _Terms:
     """Per base tensor name, the engine terms contributed by the tuned inputs, in input order."""
 
-    by_name: dict[str, list[tuple]] = field(default_factory=dict)
+    by_name: dict[str, list[_C.DenseTerm | _C.LowRankTerm]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)  # every input file a term reads from
 
     def file_index(self, path: Path) -> int:
@@ -83,7 +83,7 @@ class _Terms:
             self.files.append(path)
         return self.files.index(path)
 
-    def add(self, name: str, term: tuple) -> None:
+    def add(self, name: str, term: _C.DenseTerm | _C.LowRankTerm) -> None:
         self.by_name.setdefault(name, []).append(term)
 
 
@@ -105,7 +105,10 @@ def _add_checkpoint_terms(
     check_compatible(base, tuned)
     for entry in tuned.entries():
         index = terms.file_index(entry.file)
-        terms.add(entry.name, ("dense", weight, index, entry.offset, entry.dtype))
+        terms.add(
+            entry.name,
+            _C.DenseTerm(weight=weight, input=index, offset=entry.offset, dtype=entry.dtype),
+        )
 
 
 def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: float) -> None:
@@ -127,7 +130,10 @@ def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: f
             # stored whole (modules_to_save): any float dtype will do, the engine converts it
             check_tensor(entry, source.dtype, source.shape, source.file, convert_floats=True)
             index = terms.file_index(source.file)
-            terms.add(name, ("dense", weight, index, source.offset, source.dtype))
+            terms.add(
+                name,
+                _C.DenseTerm(weight=weight, input=index, offset=source.offset, dtype=source.dtype),
+            )
         else:
             rows, rank = delta.left.shape
             if len(entry.shape) != 2 or (rows, delta.right.shape[1]) != entry.shape:
@@ -135,12 +141,15 @@ def _add_adapter_terms(terms: _Terms, base: Checkpoint, adapter: Path, weight: f
                     f"{adapter}: delta of {name!r} is {rows}x{delta.right.shape[1]} but the base "
                     f"tensor has shape {list(entry.shape)}"
                 )
-            terms.add(name, ("low_rank", weight * delta.scaling, delta.left, delta.right))
+            terms.add(
+                name,
+                _C.LowRankTerm(weight=weight * delta.scaling, left=delta.left, right=delta.right),
+            )
 
 
 def _plan_file(
     source: SafetensorsFile, terms: _Terms, dtype: str | None, inputs: list[Path]
-) -> tuple[bytes, list[tuple], int]:
+) -> tuple[bytes, list[_C.Job], int]:
     """Header bytes, engine jobs and data bytes of the output file that mirrors `source`."""
     out_dtypes = [
         dtype if dtype is not None and entry.dtype in FLOAT_DTYPES else entry.dtype
@@ -163,11 +172,18 @@ def _plan_file(
             job_terms = []  # integers and bools are copied from the base
         cols = entry.shape[-1] if entry.shape else 1
         jobs.append(
-            (
-                entry.name, entry.numel, cols, base_index, entry.offset, entry.dtype,
-                out_dtype, len(header_bytes) + data_offset, job_terms,
+            _C.Job(
+                name=entry.name,
+                numel=entry.numel,
+                cols=cols,
+                base_input=base_index,
+                base_offset=entry.offset,
+                base_dtype=entry.dtype,
+                out_dtype=out_dtype,
+                out_offset=len(header_bytes) + data_offset,
+                terms=job_terms,
             )
-        )  # fmt: skip
+        )
     return header_bytes, jobs, spans[-1][1] if spans else 0
 
 

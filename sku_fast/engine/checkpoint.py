@@ -21,12 +21,10 @@ from sku_fast.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# dtypes the engine does arithmetic on; every other dtype is copied from the base
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
-}  # fmt: skip
+# From the native core's dtype table: the dtypes the engine does arithmetic on (every other
+# dtype is copied from the base), and the bytes per element of every safetensors dtype.
+FLOAT_DTYPES: tuple[str, ...] = _C.FLOAT_DTYPES
+ITEMSIZE: dict[str, int] = _C.DTYPES
 
 
 @dataclass(frozen=True)

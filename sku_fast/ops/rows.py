@@ -1,15 +1,17 @@
 """What token_loss and fused_linear_token_loss share: the options that cross the autograd
 boundary, the checks and row weights of their arguments, and the dispatch of a block of rows to
-a backend (Triton on CUDA, the plain-PyTorch path otherwise)."""
+a backend: Triton on CUDA tensors, the native kernel of the extension on CPU tensors, and the
+plain-PyTorch path on any device (the fallback, and what `backend="torch"` asks for)."""
 
 from dataclasses import dataclass
 
 import torch
 
+from sku_fast.ops.native_backend import token_loss_rows_native
 from sku_fast.ops.torch_backend import token_loss_rows_chunked
 
 REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("triton", "torch")
+_BACKENDS = ("triton", "native", "torch")
 # CPU path: rows per chunk so that one fp32 chunk of logits is about 4 MiB (measured fastest
 # of 256K..4M elements on the dev machine; the chunk holds ~15 such temporaries).
 CPU_CHUNK_ELEMENTS = 1 << 20
@@ -35,16 +37,23 @@ def row_losses(opts: TokenLossOptions, logits, labels, ref_logits, a, b, grad_ou
         from sku_fast.kernels.token_loss import token_loss_rows
 
         return token_loss_rows(logits, labels, ref_logits, a, b, opts.ignore_index, grad_out)
+    if opts.backend == "native":
+        return token_loss_rows_native(logits, labels, ref_logits, a, b, opts.ignore_index, grad_out)
     return token_loss_rows_chunked(
         logits, labels, ref_logits, a, b, opts.ignore_index, grad_out, opts.chunk_rows
     )
 
 
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
+    """None: Triton for CUDA tensors, native for CPU ones, PyTorch on any other device."""
     if backend is None:
-        return "triton" if tensor.is_cuda else "torch"
+        if tensor.is_cuda:
+            return "triton"
+        return "native" if tensor.device.type == "cpu" else "torch"
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    if backend == "native" and tensor.device.type != "cpu":
+        raise ValueError(f'backend="native" runs on CPU tensors, got {tensor.device}')
     return backend
 
 

@@ -18,8 +18,9 @@ The reference logits are a frozen model's: they are detached and get no gradient
 of the logits is computed in the forward pass (one pass over the logits reads each row twice and
 writes its gradient once) and scaled by the upstream gradient in backward, without host syncs.
 
-Backends: Triton on CUDA tensors (``sku_fast.kernels.token_loss``), a chunked plain-PyTorch path
-otherwise (``sku_fast.ops.torch_backend``); ``backend=`` forces one.
+Backends: Triton on CUDA tensors (``sku_fast.kernels.token_loss``), the native kernel of the
+extension on CPU tensors (``sku_fast.ops.native_backend``), a chunked plain-PyTorch path
+anywhere (``sku_fast.ops.torch_backend``); ``backend=`` forces one.
 """
 
 import torch
@@ -91,8 +92,8 @@ def token_loss(
         inplace: write the gradient into the ``logits`` buffer instead of a new one (saves one
             logits-sized tensor). Only when nothing else needs these logits: their contents are
             destroyed, and an autograd node that saved them will raise on backward.
-        backend: "triton", "torch" or None (Triton for CUDA tensors, the chunked PyTorch path
-            otherwise).
+        backend: "triton", "native", "torch" or None (Triton for CUDA tensors, the native
+            kernel for CPU tensors, the chunked PyTorch path on other devices).
         chunk_rows: rows per chunk of the PyTorch path (default: about 1M logits per chunk).
 
     Returns:
