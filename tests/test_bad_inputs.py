@@ -1156,3 +1156,23 @@ def test_out_of_memory_is_a_memory_error_that_says_what_to_do(tmp_path, threads)
     else:
         assert message.startswith(f'{path}.out: out of memory while computing tensor "w" (')
         assert message.endswith("free some memory")
+
+
+def test_the_kind_survives_the_python_layer(tmp_path, monkeypatch):
+    """negate() re-raises the engine's own error (its kind intact), naming the output the user
+    asked for, not the temporary one."""
+    from sku_fast.engine import arithmetic
+
+    base = write_good(tmp_path / "base.safetensors")
+    real_combine = arithmetic._C.combine
+
+    def cut_then_combine(*args):
+        base.write_bytes(base.read_bytes()[:-8])  # cut short after planning
+        return real_combine(*args)
+
+    monkeypatch.setattr(arithmetic._C, "combine", cut_then_combine)
+    with pytest.raises(_C.EngineError) as error:
+        negate(base, base, tmp_path / "out.safetensors")
+    assert error.value.kind == "format"
+    assert "sku-fast-tmp" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]

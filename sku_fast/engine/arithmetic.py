@@ -276,7 +276,8 @@ def task_arithmetic(
                     str(target), header, [str(p) for p in terms.files], jobs, threads, report
                 )
             except CheckpointError as error:  # name the output the user asked for
-                raise CheckpointError(str(error).replace(str(staging), str(out))) from None
+                error.args = (str(error).replace(str(staging), str(out)),)
+                raise  # the same exception: its kind (format, io, memory) crosses unchanged
             written += len(header) + size
         if not single_file:
             _write_index(base_ckpt, staging, sum(size for *_, size in plans))
