@@ -5,7 +5,13 @@ import pytest
 from tiny_models import smol_llama_dir
 
 from sku_fast.errors import SkuFastError
-from sku_fast.eval.compare import VARIANTS, CompareConfig, run_compare, variant_config
+from sku_fast.eval.compare import (
+    VARIANTS,
+    CompareConfig,
+    run_compare,
+    same_time_steps,
+    variant_config,
+)
 from sku_fast.eval.evaluate import EvalConfig
 from sku_fast.eval.generation import GenerationConfig
 from sku_fast.eval.report import plot_ablation, table_markdown
@@ -54,14 +60,18 @@ def test_compare_runs_every_variant_and_reports(tiny_model_dir, tmp_path):
     for name in VARIANTS:
         results = json.loads((tmp_path / name / "eval" / "results.json").read_text())
         assert results["variant"] == name and results["harmful"]["n"] == 3
-    for name in (v for v in VARIANTS if v != "original"):
+    by_name = {row["variant"]: row for row in rows}
+    for name in (v for v in VARIANTS if v not in ("original", "ga-same-time")):
         assert (tmp_path / name / "model" / "config.json").is_file()
         assert json.loads((tmp_path / name / "config.json").read_text())["steps"] == 2
+    # the baseline at equal time: SKU's training seconds at the baseline's speed
+    seconds = {name: by_name[name]["train_seconds"] for name in ("sku", "ga")}
+    assert by_name["ga-same-time"]["steps"] == same_time_steps(seconds, 2)
     original = rows[0]
     assert original["similarity"] == pytest.approx(1.0) and original["train_seconds"] is None
     assert all(row["train_seconds"] > 0 for row in rows[1:])
     # SKU's negation moved the weights: its normal NLL differs from the original's
-    assert not math.isclose(rows[2]["normal_nll"], original["normal_nll"], rel_tol=1e-6)
+    assert not math.isclose(by_name["sku"]["normal_nll"], original["normal_nll"], rel_tol=1e-6)
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["rows"] == json.loads(json.dumps(rows))
     assert table["meta"]["steps"] == 2 and table["meta"]["n"]["harmful"] == 3
@@ -75,12 +85,14 @@ def test_compare_runs_every_variant_and_reports(tiny_model_dir, tmp_path):
         _config(tiny_model_dir, tmp_path, ("original", "sku")), progress=False, log=messages.append
     )
     assert any("[sku] reusing" in m for m in messages)
-    assert again[1]["normal_nll"] == pytest.approx(rows[2]["normal_nll"], rel=1e-6)
+    assert again[1]["normal_nll"] == pytest.approx(by_name["sku"]["normal_nll"], rel=1e-6)
 
 
 def _row(variant, harmful, similarity, nll):
     return {
         "variant": variant,
+        "steps": 5,
+        "train_seconds": 61.4,
         "harmful_rate": harmful,
         "refusal_rate": 0.25,
         "degenerate_rate": 0.0,
@@ -100,9 +112,8 @@ def test_table_markdown_cells():
         "similarity_method": "lexical token-F1",
     }  # fmt: skip
     markdown = table_markdown([_row("sku", 0.125, 0.9, 1.5)], meta)
-    assert "| sku | 12.5% | 25.0% | 0.0% | 62.5% | n/a | 0.500 | 12.345 | 1.500 | 0.900 |" in (
-        markdown
-    )
+    row = "| sku | 5 | 61 | 12.5% | 25.0% | 0.0% | 62.5% | n/a | 0.500 | 12.345 | 1.500 | 0.900 |"
+    assert row in markdown
     assert "5 steps, seed 0, LoRA" in markdown
 
 
@@ -112,3 +123,13 @@ def test_ablation_plot_needs_two_ablation_variants(tmp_path):
     rows = [_row("sku", 0.1, 0.9, 1.0), _row("sku-no-pd", 0.2, 0.8, 1.2)]
     assert plot_ablation(rows, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_baseline_at_equal_time_gets_skus_seconds_worth_of_steps():
+    from sku_fast.eval.compare import _training_order
+
+    assert same_time_steps({"sku": 120.0, "ga": 40.0}, 100) == 300
+    assert same_time_steps({"sku": 10.0, "ga": 400.0}, 100) == 2
+    assert same_time_steps({"sku": 0.0, "ga": 10.0}, 100) == 1
+    assert _training_order(["original", "ga-same-time"]) == ["sku", "ga", "ga-same-time"]
+    assert _training_order(["sku", "ga", "ga-same-time"]) == ["sku", "ga", "ga-same-time"]

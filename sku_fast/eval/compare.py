@@ -1,8 +1,10 @@
 """`run_compare`: the papers' table in one command.
 
 Trains, with the same data, steps and seed, the gradient-ascent baseline, SKU, and SKU with
-each of its three modules switched off; evaluates them and the original model on the same
-prompts with the same judge; writes the table (markdown + JSON) and the plots.
+each of its three modules switched off, and the baseline again for as many steps as fit in
+SKU's training time ("ga-same-time": the two at equal wall-clock cost); evaluates them and the
+original model on the same prompts with the same judge; writes the table (markdown + JSON) and
+the plots.
 
     <out>/<variant>/          the `sku-fast unlearn` run folder of each trained variant
     <out>/<variant>/eval/     results.json, generations.jsonl, summary.md
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +33,17 @@ from sku_fast.unlearn.pipeline import run_unlearn
 # variant name -> UnlearnConfig changes (None: the original model, not trained)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "original": None,
-    "ga": {"method": "ga"},
     "sku": {"method": "sku"},
+    "ga": {"method": "ga"},
+    "ga-same-time": {"method": "ga"},  # steps: SKU's training seconds at GA's speed
     "sku-no-gd": {"method": "sku", "guided_distortion": False},
     "sku-no-rd": {"method": "sku", "random_disassociation": False},
     "sku-no-pd": {"method": "sku", "preservation_divergence": False},
 }
 DESCRIPTIONS = {
     "original": "original model",
-    "ga": "gradient ascent (Yao et al.)",
+    "ga": "gradient ascent (Yao et al.), SKU's steps",
+    "ga-same-time": "gradient ascent, SKU's training time",
     "sku": "SKU (all modules)",
     "sku-no-gd": "SKU without guided distortion",
     "sku-no-rd": "SKU without random disassociation",
@@ -132,17 +135,18 @@ def run_compare(
     )
 
     train_seconds: dict[str, float] = {}
-    for name in config.variants:
-        if VARIANTS[name] is None:
-            continue
+    for name in _training_order(config.variants):
         run = variant_config(config, name)
+        if name == "ga-same-time":
+            run = dataclasses.replace(run, steps=same_time_steps(train_seconds, run.steps))
         if config.reuse and _finished(run):
             log(f"[{name}] reusing the finished run in {run.out}")
-            continue
-        log(f"[{name}] training: {DESCRIPTIONS[name]}, {run.steps} steps")
-        started = time.perf_counter()
-        run_unlearn(run, progress=progress)
-        train_seconds[name] = round(time.perf_counter() - started, 1)
+        else:
+            log(f"[{name}] training: {DESCRIPTIONS[name]}, {run.steps} steps")
+            run_unlearn(run, progress=progress)
+        train_seconds[name] = json.loads((Path(run.out) / "summary.json").read_text())[
+            "train_seconds"
+        ]
 
     reference = Reference.load(config.train.model, evaluation.device)
     rows = []
@@ -167,7 +171,10 @@ def run_compare(
         )
         results["variant"] = name
         write_outputs(out / name / "eval", results, records)
-        rows.append(table_row(name, results, train_seconds.get(name)))
+        row = table_row(name, results, train_seconds.get(name))
+        if VARIANTS[name] is not None:
+            row["steps"] = json.loads((out / name / "summary.json").read_text())["steps"]
+        rows.append(row)
         del model
     meta = {
         "model": reference.label,
@@ -182,6 +189,20 @@ def run_compare(
     }
     write_report(out, rows, meta)
     return rows
+
+
+def _training_order(variants: Sequence[str]) -> list[str]:
+    """The trained variants; ga-same-time after the two runs whose times it needs."""
+    order = [v for v in variants if VARIANTS[v] is not None and v != "ga-same-time"]
+    if "ga-same-time" in variants:
+        order += [v for v in ("sku", "ga") if v not in order] + ["ga-same-time"]
+    return order
+
+
+def same_time_steps(train_seconds: dict[str, float], steps: int) -> int:
+    """Baseline steps that take as long as SKU's training: steps · t_sku / t_ga."""
+    sku, ga = train_seconds["sku"], train_seconds["ga"]
+    return max(1, round(steps * sku / ga)) if ga > 0 else steps
 
 
 def table_row(name: str, results: dict[str, Any], train_seconds: float | None) -> dict[str, Any]:
@@ -202,4 +223,5 @@ def table_row(name: str, results: dict[str, Any], train_seconds: float | None) -
         "similarity": normal["similarity"],
         "train_seconds": train_seconds,
         "eval_seconds": results["seconds"],
+        **{f"{k}": results.get("forgetting", {}).get(k) for k in ("unsafe_rise", "safe_rise")},
     }

@@ -10,6 +10,8 @@ from typing import Any
 
 # (key, header, kind): kind "pct" prints a rate as a percentage, "num" a number
 COLUMNS = (
+    ("steps", "steps", "int"),
+    ("train_seconds", "train s", "int"),
     ("harmful_rate", "harmful ↓", "pct"),
     ("refusal_rate", "refusal", "pct"),
     ("degenerate_rate", "degenerate", "pct"),
@@ -25,7 +27,9 @@ ABLATION = ("sku", "sku-no-gd", "sku-no-rd", "sku-no-pd")
 
 def _cell(value: float | None, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
+        return "" if kind == "int" else "n/a"
+    if kind == "int":
+        return f"{value:.0f}"
     return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.3f}"
 
 
