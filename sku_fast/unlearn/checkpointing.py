@@ -41,6 +41,7 @@ from sku_fast.engine.output import write_atomically
 from sku_fast.errors import TrainingError
 from sku_fast.unlearn.fullstate import (
     ADAM_STATE,
+    SAFETENSORS_DTYPES,
     ShardedWriter,
     full_moments,
     full_numel,
@@ -184,11 +185,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise TrainingError(f"{path}: not a readable safetensors file ({error})") from error
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+_DTYPES = SAFETENSORS_DTYPES
 
 
 class TensorFiles:

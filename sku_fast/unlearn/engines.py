@@ -137,9 +137,7 @@ def prepare(
     network = model.network
     model.dtypes = {name: p.dtype for name, p in network.named_parameters()}
     if config.gradient_checkpointing:
-        network.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        checkpoint_activations(network)
     terms = TermsModule(network, objective, config.loss_backend, model.lora)
     if engine == "deepspeed":
         _configure_deepspeed(accelerator, config)
@@ -164,6 +162,17 @@ def prepare(
     model.trainable = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     model.engine = engine
     return Prepared(module, optimizer, scheduler, engine)
+
+
+def checkpoint_activations(network: Any) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant, which
+    every engine supports) instead of keeping them."""
+    model = network.get_base_model() if hasattr(network, "get_base_model") else network
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def prepare_reference(accelerator: Accelerator, engine: str, reference: ReferenceModule):

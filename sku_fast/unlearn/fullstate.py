@@ -238,18 +238,25 @@ class ShardedWriter:
 
 
 def write_model_dir(
-    model: Any, tokenizer: Any, folder: Path | None, keep: bool, shard_bytes: int | None = None
+    model: Any,
+    tokenizer: Any,
+    folder: Path | None,
+    keep: bool,
+    shard_bytes: int | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> None:
     """The trained full model (`model.network`) as a model directory that loads with
     `from_pretrained`: safetensors shards (and their index when there are several), config,
-    generation config, tokenizer; each weight in the dtype it had before the engine took it,
-    tied weights once. Every process calls it (weights are gathered one at a time); the one
-    with `keep` writes into `folder`."""
+    generation config, tokenizer; tied weights once. Each weight is stored in `dtypes[name]`
+    (the base checkpoint's, so that stage 2 can subtract it) or else in the dtype it had
+    before the engine took it. Every process calls it (weights are gathered one at a time);
+    the one with `keep` writes into `folder`."""
     network = model.network
     stored = set(network.state_dict(keep_vars=True))
     named = list(network.named_parameters())  # a tied weight once, under its first name
     buffers = [(n, b) for n, b in network.named_buffers() if n in stored]
-    dtypes = {name: model.dtypes.get(name, p.dtype) for name, p in named}
+    given = dtypes or {}
+    dtypes = {name: given.get(name, model.dtypes.get(name, p.dtype)) for name, p in named}
     total = sum(full_numel(p) * torch.empty((), dtype=dtypes[n]).element_size() for n, p in named)
     writer = None
     if keep:
@@ -261,9 +268,38 @@ def write_model_dir(
     if writer is None:
         return
     for name, buffer in buffers:
-        writer.add(name, buffer.detach().cpu().contiguous())
+        writer.add(name, buffer.detach().cpu().contiguous().to(given.get(name, buffer.dtype)))
     writer.close()
     network.config.save_pretrained(folder)
     if getattr(network, "generation_config", None) is not None:
         network.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def checkpoint_dtypes(folder: Path) -> dict[str, torch.dtype]:
+    """The dtype of each tensor of a model directory (model.safetensors or the shards its
+    index names), from the headers alone."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file() or not index.is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = [
+            folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    found = {}
+    for path in files:
+        with safe_open(path, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                dtype = SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+                if dtype is not None:
+                    found[name] = dtype
+    return found

@@ -46,7 +46,12 @@ from sku_fast.unlearn.data import (
     load_qa_pairs,
 )
 from sku_fast.unlearn.engines import load_device, loading, make_accelerator
-from sku_fast.unlearn.fullstate import full_numel, gathered_parameters, write_model_dir
+from sku_fast.unlearn.fullstate import (
+    checkpoint_dtypes,
+    full_numel,
+    gathered_parameters,
+    write_model_dir,
+)
 from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
 from sku_fast.unlearn.network import prepare_model
 from sku_fast.unlearn.objective import objective_for
@@ -284,7 +289,7 @@ class _Run:
             safe=self.safe,
         )
         seconds = time.perf_counter() - started
-        tuned = self._write_stage1(folder, trained)
+        tuned = self._write_stage1(folder, trained, base)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self._negate(folder, base, tuned, trained, seconds)
@@ -294,10 +299,12 @@ class _Run:
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             (staging / f"{name}.jsonl").write_text(text, encoding="utf-8")
 
-    def _write_stage1(self, folder: Path, trained: Model) -> Path:
+    def _write_stage1(self, folder: Path, trained: Model, base: Path) -> Path:
         """The trained adapter or model, gathered from whatever engine holds it (every process
         takes part; the main process writes): the adapter as one copy in host memory, the
-        full model shard by shard. Returns stage1/adapter or stage1/model."""
+        full model shard by shard, in the dtypes of `base` (a model trained in bf16 from an
+        fp32 checkpoint, or in fp32 from a bf16 one, is negated against it). Returns
+        stage1/adapter or stage1/model."""
         main = self.accelerator.is_main_process
         stage1 = folder / "stage1"
         if main:
@@ -311,9 +318,9 @@ class _Run:
             return tuned
         tuned = stage1 / "model"
         if main:
-            write_atomically(
-                tuned, lambda tmp: write_model_dir(trained, self.tokenizer, tmp, keep=True)
-            )
+            dtypes = checkpoint_dtypes(base)
+            write = lambda tmp: write_model_dir(trained, self.tokenizer, tmp, True, dtypes=dtypes)
+            write_atomically(tuned, write)
         else:
             write_model_dir(trained, self.tokenizer, None, keep=False)
         return tuned
