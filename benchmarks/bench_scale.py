@@ -14,8 +14,14 @@ Each process reports:
   at the end of step 1 (forward, backward, the gradient exchange, clipping, AdamW);
 - RSS before the step, and step 2's wall time.
 
-Run: `pytest benchmarks/bench_scale.py --benchmark-only -s` (about 2 minutes on two cores).
-The worker is this file: `accelerate launch ... bench_scale.py OUT_DIR`.
+With CUDA, each process also reports the peak of `torch.cuda.max_memory_allocated` during
+step 2. `SKU_BENCH_ACCELERATE_CONFIG=examples/fsdp.yaml` (or ddp.yaml, deepspeed-zero3.yaml)
+launches with that configuration instead of `--multi_gpu`, and `SKU_BENCH_MIXED_PRECISION`
+(default "no") sets the mixed precision, e.g. bf16 on GPUs.
+
+Run: `pytest benchmarks/bench_scale.py --benchmark-only -s` (about a minute on two cores).
+The worker is this file: `accelerate launch ... bench_scale.py OUT_DIR`. The figures before
+the engines (the hand-written flat gradient sync) came from this benchmark at commit 4530154.
 """
 
 from __future__ import annotations
@@ -48,20 +54,19 @@ def worker(out: Path) -> None:
 
     from sku_fast.unlearn.config import UnlearnConfig
     from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
+    from sku_fast.unlearn.engines import load_device, loading, make_accelerator
+    from sku_fast.unlearn.fullstate import full_numel
     from sku_fast.unlearn.models import load_tokenizer
     from sku_fast.unlearn.network import prepare_model
     from sku_fast.unlearn.objective import objective_for
     from sku_fast.unlearn.trainer import train
 
-    try:
-        from sku_fast.unlearn.engines import make_accelerator
-    except ImportError:  # the code before accelerate's engines: the pipeline's own Accelerator
-        from accelerate import Accelerator
-
-        def make_accelerator(config):
-            return Accelerator(cpu=not torch.cuda.is_available())
-
     tokenizer = load_tokenizer(None)  # the embedded SmolLM2 tokenizer
+    config = UnlearnConfig(
+        lora=False, steps=STEPS, batch_size=BATCH, max_length=MAX_LENGTH, lr=1e-5,
+        out=str(out / "run"),
+    ).resolve()  # fmt: skip
+    accelerator = make_accelerator(config)
     torch.manual_seed(0)
     shape = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -73,13 +78,10 @@ def worker(out: Path) -> None:
         max_position_embeddings=2048,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(shape).eval()
-    config = UnlearnConfig(
-        lora=False, steps=STEPS, batch_size=BATCH, max_length=MAX_LENGTH, lr=1e-5,
-        out=str(out / "run"),
-    ).resolve()  # fmt: skip
-    accelerator = make_accelerator(config)
+    with loading(accelerator):
+        model = LlamaForCausalLM(shape).eval().to(load_device(accelerator))
     trained = prepare_model(model, config)
+    cuda = torch.cuda.is_available()
     marks: dict[str, float] = {}
 
     def on_step(step: int, record: dict) -> None:
@@ -87,10 +89,14 @@ def worker(out: Path) -> None:
             marks["run_peak_mb"] = _status("VmHWM")
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             marks["rss_before_step_mb"] = _status("VmRSS")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             marks["started"] = time.perf_counter()
         elif step == 2:
             marks["step_s"] = time.perf_counter() - marks.pop("started")
             marks["step_peak_mb"] = _status("VmHWM")
+            if cuda:
+                marks["cuda_step_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             marks["loss"] = record["loss"]
 
     (out / "run").mkdir(parents=True, exist_ok=True)
@@ -106,7 +112,7 @@ def worker(out: Path) -> None:
         progress=False,
         on_step=on_step,
     )
-    marks["parameters"] = sum(p.numel() for p in model.parameters())
+    marks["parameters"] = sum(full_numel(p) for p in model.parameters())
     rank = accelerator.process_index
     (out / f"rank{rank}.json").write_text(json.dumps(marks))
 
@@ -114,9 +120,12 @@ def worker(out: Path) -> None:
 def launch(out: Path) -> list[dict]:
     """The two-process run; returns each rank's measurements."""
     launcher = Path(sys.executable).with_name("accelerate")
+    settings = os.environ.get("SKU_BENCH_ACCELERATE_CONFIG")
+    engine = ["--config_file", settings] if settings else ["--multi_gpu"]
+    precision = os.environ.get("SKU_BENCH_MIXED_PRECISION", "no")
     command = [
-        str(launcher), "launch", "--multi_gpu", "--num_processes", str(PROCESSES),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(launcher), "launch", *engine, "--num_processes", str(PROCESSES),
+        "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no",
         __file__, str(out),
     ]  # fmt: skip
     root = str(Path(__file__).resolve().parents[1])
@@ -134,7 +143,7 @@ def launch(out: Path) -> list[dict]:
 
 def test_two_process_full_step_memory(benchmark, tmp_path):
     ranks = benchmark.pedantic(launch, args=(tmp_path,), rounds=1, iterations=1)
-    benchmark.group = "stage 1, --full, 2 processes (gloo), SmolLM2-135M shape"
+    benchmark.group = "stage 1, --full, 2 processes, SmolLM2-135M shape"
     benchmark.extra_info.update(
         {
             "shape": f"layers={LAYERS} H={HIDDEN} MLP={MLP} V=49152 batch={BATCH} "
@@ -145,10 +154,12 @@ def test_two_process_full_step_memory(benchmark, tmp_path):
         }
     )
     for rank, marks in enumerate(ranks):
+        gpu = marks.get("cuda_step_peak_mb")
         print(
             f"\nrank {rank}: run peak {marks['run_peak_mb']:.0f} MB, step peak "
             f"{marks['step_peak_mb']:.0f} MB (RSS before the step "
             f"{marks['rss_before_step_mb']:.0f} MB), step {marks['step_s']:.1f} s"
+            + (f", GPU step peak {gpu:.0f} MB" if gpu is not None else "")
         )
     # after timing: both ranks took the same steps (the logged loss is averaged over ranks)
     assert ranks[0]["loss"] == pytest.approx(ranks[1]["loss"], rel=1e-6)
