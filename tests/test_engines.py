@@ -75,7 +75,7 @@ def test_a_deepspeed_clipping_other_than_the_runs_is_refused():
         _configure_deepspeed(accelerator, UnlearnConfig().resolve())
 
 
-def _train(tiny: Path, out: Path, **overrides):
+def _train(tiny: Path, out: Path, on_step=None, **overrides):
     from sku_fast.unlearn.data import demo_data_path, load_qa_pairs
     from sku_fast.unlearn.models import load_model, load_tokenizer
     from sku_fast.unlearn.network import prepare_model
@@ -83,7 +83,7 @@ def _train(tiny: Path, out: Path, **overrides):
     from sku_fast.unlearn.trainer import train
 
     config = UnlearnConfig(model=str(tiny), out=str(out), **{**TINY, **overrides}).resolve()
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     model = prepare_model(load_model(tiny), config)
     train(
         model,
@@ -95,6 +95,7 @@ def _train(tiny: Path, out: Path, **overrides):
         out,
         make_accelerator(config),
         progress=False,
+        on_step=on_step,
     )
     return {name: p.detach().clone() for name, p in model.trainable}, model
 
@@ -153,3 +154,30 @@ def test_a_full_model_is_written_shard_by_shard_and_negates(tiny, tmp_path):
     negated = load_file(tmp_path / "negated" / "model.safetensors")
     for name, value in base.items():
         torch.testing.assert_close(negated[name], value - 0.01, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_in_shards_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """Checkpoints larger than a shard are written as shards with an index, read back lazily
+    and checked the same way."""
+    monkeypatch.setattr("sku_fast.unlearn.fullstate.SHARD_BYTES", 20_000)
+    settings = dict(lora=False, lr=1e-3, steps=3, checkpoint_every=2)
+    whole, _ = _train(tiny, tmp_path / "whole", **settings)
+
+    def stop(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, tmp_path / "cut", on_step=stop, **settings)
+    step = tmp_path / "cut" / "checkpoints" / "step-0000002"
+    for prefix in ("trainable", "optimizer"):
+        assert (step / f"{prefix}.safetensors.index.json").is_file()
+        assert len(list(step.glob(f"{prefix}-*-of-*.safetensors"))) > 2
+    resumed, _ = _train(tiny, tmp_path / "cut", resume=True, **settings)
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
+
+    shard = sorted(step.glob("trainable-*-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(TrainingError, match=f"{shard.name}: missing"):
+        _train(tiny, tmp_path / "cut", resume=True, **settings)

@@ -196,6 +196,7 @@ class TensorFiles:
         single = folder / f"{prefix}.safetensors"
         index = folder / f"{prefix}.safetensors.index.json"
         self.where: dict[str, Path] = {}
+        self.info: dict[str, tuple[torch.Size, torch.dtype | None]] = {}
         if single.is_file() or not index.is_file():
             self.path = single
             self._add(single)
@@ -218,7 +219,6 @@ class TensorFiles:
         try:
             with safe_open(path, "pt") as handle:
                 names = set(handle.keys())
-                self.info = getattr(self, "info", {})
                 for name in names:
                     piece = handle.get_slice(name)
                     dtype = _DTYPES.get(piece.get_dtype())
