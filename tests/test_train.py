@@ -34,8 +34,7 @@ def _config(tiny: Path, out: Path, **overrides) -> UnlearnConfig:
 
 
 def _run(tiny: Path, out: Path, on_step=None, models=None, **overrides):
-    from accelerate import Accelerator
-
+    from sku_fast.unlearn.engines import make_accelerator
     from sku_fast.unlearn.models import load_model, load_tokenizer
 
     config = _config(tiny, out, **overrides)
@@ -51,7 +50,7 @@ def _run(tiny: Path, out: Path, on_step=None, models=None, **overrides):
         objective_for(config),
         config,
         out,
-        Accelerator(cpu=True),
+        make_accelerator(config),
         progress=False,
         on_step=on_step,
     )

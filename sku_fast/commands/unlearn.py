@@ -44,6 +44,7 @@ _FIELDS = {
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
     "overwrite": "overwrite",
+    "gradient_checkpointing": "gradient_checkpointing",
 }
 
 SAMPLE_PROMPTS = 4  # harmful prompts in the before/after printout (and half as many normal)
@@ -145,6 +146,11 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option("--loss-backend", type=click.Choice(["fused-linear", "fused", "torch"]))
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint.")
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=None,
+    help="Recompute activations in the backward: less memory, more compute [off].",
+)
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a non-empty --out.")
 @click.option("--samples/--no-samples", default=True, help="Print before/after generations.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (ours or the libraries').")

@@ -59,6 +59,8 @@ class UnlearnConfig:
         "torch" (softmax and log of both models in PyTorch, as the published code does).
     checkpoint_every: save a resumable checkpoint every N steps (0: never); resume: continue
         from the newest checkpoint in `out`.
+    gradient_checkpointing: recompute each layer's activations in the backward instead of
+        keeping them (less memory, about a third more compute).
     """
 
     model: str | None = None
@@ -100,6 +102,7 @@ class UnlearnConfig:
     resume: bool = False
     log_every: int = 1
     dtype: str = "float32"
+    gradient_checkpointing: bool = False
     overwrite: bool = False
 
     def resolve(self) -> UnlearnConfig:

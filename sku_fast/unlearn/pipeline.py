@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
@@ -46,14 +45,23 @@ from sku_fast.unlearn.data import (
     load_contrast_pairs,
     load_qa_pairs,
 )
+from sku_fast.unlearn.engines import load_device, loading, make_accelerator
+from sku_fast.unlearn.fullstate import (
+    checkpoint_dtypes,
+    full_numel,
+    gathered_parameters,
+    write_model_dir,
+)
 from sku_fast.unlearn.models import load_model, load_tokenizer, resolve_model_path
 from sku_fast.unlearn.network import prepare_model
 from sku_fast.unlearn.objective import objective_for
 from sku_fast.unlearn.trainer import train
 
 if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from sku_fast.unlearn.network import Model
     from sku_fast.unlearn.trainer import StepCallback
 
 
@@ -162,10 +170,12 @@ def run_unlearn(
         safe = [safe_by_prompt.get(pair.prompt) for pair in harmful]
     validation = _validation_rows(harmful_held, normal_held, safe_by_prompt)
     tokenizer = load_tokenizer(model_path)
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    device = str(accelerator.device)
-    model = load_model(model_path, dtype=getattr(torch, config.dtype), device=device)
+    # the launcher's engine and mixed precision (sku_fast.unlearn.engines)
+    accelerator = make_accelerator(config)
+    with loading(accelerator):
+        model = load_model(
+            model_path, dtype=getattr(torch, config.dtype), device=load_device(accelerator)
+        )
     run = _Run(config, model_path, model, tokenizer, harmful, normal, safe, validation, accelerator)
     if config.resume:
         run.produce(out, progress, on_step)
@@ -279,32 +289,47 @@ class _Run:
             safe=self.safe,
         )
         seconds = time.perf_counter() - started
+        tuned = self._write_stage1(folder, trained, base)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._negate(folder, base, trained, seconds)
+            self._negate(folder, base, tuned, trained, seconds)
 
     def _write_validation(self, staging: Path) -> None:
         for name, rows in self.validation.items():
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             (staging / f"{name}.jsonl").write_text(text, encoding="utf-8")
 
-    def _negate(self, folder: Path, base: Path, trained, seconds: float) -> None:
+    def _write_stage1(self, folder: Path, trained: Model, base: Path) -> Path:
+        """The trained adapter or model, gathered from whatever engine holds it (every process
+        takes part; the main process writes): the adapter as one copy in host memory, the
+        full model shard by shard, in the dtypes of `base` (a model trained in bf16 from an
+        fp32 checkpoint, or in fp32 from a bf16 one, is negated against it). Returns
+        stage1/adapter or stage1/model."""
+        main = self.accelerator.is_main_process
+        stage1 = folder / "stage1"
+        if main:
+            stage1.mkdir(exist_ok=True)
+        if self.config.lora:
+            tuned = stage1 / "adapter"
+            adapter = dict(gathered_parameters(trained.trainable, keep=main))
+            if main:
+                save = trained.network.save_pretrained
+                write_atomically(tuned, lambda tmp: save(tmp, state_dict=adapter))
+            return tuned
+        tuned = stage1 / "model"
+        if main:
+            dtypes = checkpoint_dtypes(base)
+            write = lambda tmp: write_model_dir(trained, self.tokenizer, tmp, True, dtypes=dtypes)
+            write_atomically(tuned, write)
+        else:
+            write_model_dir(trained, self.tokenizer, None, keep=False)
+        return tuned
+
+    def _negate(self, folder: Path, base: Path, tuned: Path, trained: Model, seconds: float):
         """Stage 2 (SKU) or the trained model itself (the baseline), each output atomic."""
         config = self.config
-        stage1 = folder / "stage1"
-        stage1.mkdir(exist_ok=True)
-        if config.lora:
-            tuned = stage1 / "adapter"
-            write_atomically(tuned, trained.network.save_pretrained)
-            if config.method == "sku":
-                negate_lora(
-                    tuned, folder / "adapter-negated", config.lam, base=base, overwrite=True
-                )
-        else:
-            tuned = stage1 / "model"
-            write_atomically(
-                tuned, lambda tmp: save_model_dir(trained.network, self.tokenizer, tmp)
-            )
+        if config.lora and config.method == "sku":
+            negate_lora(tuned, folder / "adapter-negated", config.lam, base=base, overwrite=True)
         if config.method == "sku":
             negate(base, tuned, folder / "model", config.lam, overwrite=True, progress=None)
         else:
@@ -317,7 +342,7 @@ class _Run:
             "steps": config.steps,
             "train_seconds": round(seconds, 1),
             "lambda": config.lam if config.method == "sku" else None,
-            "trainable_parameters": sum(p.numel() for _, p in trained.trainable),
+            "trainable_parameters": sum(full_numel(p) for _, p in trained.trainable),
         }
         text = json.dumps(summary, indent=2) + "\n"
         write_atomically(folder / "summary.json", lambda tmp: tmp.write_text(text), directory=False)

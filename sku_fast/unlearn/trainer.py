@@ -1,10 +1,14 @@
 """Stage 1: train θ_bad (or the baseline's unlearned model) with the weighted objective.
 
 AdamW with linear decay, exactly `steps` optimizer steps of `grad_accum` micro-batches.
-Built on accelerate: under `accelerate launch` every process draws its own micro-batches from
-one seeded stream (sku_fast.unlearn.batches) and the gradients are averaged across processes
-before each step, so all ranks hold identical weights. Checkpoints carry the optimizer,
-scheduler and RNG states, so `resume` continues to the same weights as an uninterrupted run.
+Built on accelerate's engines (sku_fast.unlearn.engines): the objective's module, the
+optimizer and the scheduler go through `accelerator.prepare`, micro-batches through
+`accelerator.accumulate` and `accelerator.backward`, clipping through
+`accelerator.clip_grad_norm_`; DDP, FSDP2 or DeepSpeed ZeRO-3 average (and shard) the
+gradients as the launcher configured. Under `accelerate launch` every process draws its own
+micro-batches from one seeded stream (sku_fast.unlearn.batches). Checkpoints carry the
+optimizer, scheduler and RNG states, so `resume` continues to the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sku_fast.errors import TrainingError
@@ -27,8 +30,9 @@ from sku_fast.unlearn.checkpointing import (
     save_checkpoint,
     truncate_log,
 )
+from sku_fast.unlearn.engines import prepare
 from sku_fast.unlearn.monitor import RunawayMonitor
-from sku_fast.unlearn.network import Model, compute_terms
+from sku_fast.unlearn.network import Model
 from sku_fast.unlearn.objective import TERMS, Objective, combine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,19 +54,6 @@ def linear_schedule(optimizer: Any, steps: int, warmup: int) -> Any:
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _sync_gradients(model: Model, accelerator: Accelerator) -> None:
-    """Average the gradients over processes (all ranks then take the same step)."""
-
-    grads = [p.grad for _, p in model.trainable if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= accelerator.num_processes
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def train(
@@ -97,16 +88,20 @@ def train(
         seed=config.seed,
         safe=safe,
     )
-    parameters = [p for _, p in model.trainable]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in model.trainable], lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = linear_schedule(optimizer, config.steps, config.warmup_steps)
+    prepared = prepare(accelerator, model, objective, config, optimizer, scheduler)
+    module, optimizer, scheduler = prepared.module, prepared.optimizer, prepared.scheduler
+    parameters = [p for _, p in model.trainable]  # the live ones, after `prepare`
     log = out / LOG_FILE
     start = 0
     if config.resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise TrainingError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
-        start = load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler, config, accelerator)
         if accelerator.is_main_process:
             truncate_log(log, start)
     elif accelerator.is_main_process and log.exists():
@@ -123,32 +118,34 @@ def train(
     monitor = RunawayMonitor() if objective.pd < 0 else None  # only a diverging KL runs away
     objective_terms = (*TERMS, "loss")
     model.network.train()
+    accelerator.step = 0  # accumulate() counts micro-batches from here: steps start synced
     for step in range(start, config.steps):
         totals: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = stream.micro_batch((step * accum + micro) * world + rank)
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            with accelerator.autocast():
-                values = compute_terms(model, batch, objective, config.loss_backend)
-            for name, value in values.items():
-                if not torch.isfinite(value):
-                    raise TrainingError(
-                        f"step {step + 1}: the {name} loss term is {value.item()} "
-                        f"(micro-batch {micro + 1} of {accum}); lower the learning rate "
-                        "or check the data"
-                    )
-                totals[name] = totals.get(name, 0.0) + value.detach() / accum
-            loss = combine(values, objective)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"step {step + 1}: the weighted loss is {loss.item()} although every term "
-                    "is finite; check the term weights (epsilon)"
+            with accelerator.accumulate(module):
+                values = module(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"], batch["term"]
                 )
-            (loss / accum).backward()
-        if world > 1:
-            _sync_gradients(model, accelerator)
+                for name, value in values.items():
+                    if not torch.isfinite(value):
+                        raise TrainingError(
+                            f"step {step + 1}: the {name} loss term is {value.item()} "
+                            f"(micro-batch {micro + 1} of {accum}); lower the learning rate "
+                            "or check the data"
+                        )
+                    totals[name] = totals.get(name, 0.0) + value.detach() / accum
+                loss = combine(values, objective)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"step {step + 1}: the weighted loss is {loss.item()} although every "
+                        "term is finite; check the term weights (epsilon)"
+                    )
+                accelerator.backward(loss)  # divided by grad_accum; synced on the last one
+        assert accelerator.sync_gradients, "the step must end on a synced micro-batch"
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -171,8 +168,7 @@ def train(
         bar.update(1)
         every = config.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < config.steps:
-            if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, model, optimizer, scheduler, config)
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, config, accelerator)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step + 1, record)
