@@ -195,6 +195,10 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     own = config_file is not None and Path(config_file).resolve() == saved.resolve()
     read = [config_file] if config_file is not None and not (resolved.resume and own) else []
     out = run_unlearn(resolved, progress=not quiet, also_read=read)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`: the rest is one job
+        return
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     click.echo(f"stage 1: {resolved.steps} steps, last {_format(log[-1])}" if log else "")
     if resolved.lambda_grid:
