@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -100,7 +101,9 @@ struct Job {
                            ", base_offset=" + std::to_string(job.base_offset) +
                            ", base_dtype='" + sku::dtype_name(job.base_dtype) +
                            "', out_dtype='" + sku::dtype_name(job.out_dtype) +
-                           "', out_offset=" + std::to_string(job.out_offset) + ", terms=[";
+                           "', out_offset=" + std::to_string(job.out_offset) +
+                           (job.base_weight != 1.0 ? ", base_weight=" + repr_text(py::float_(job.base_weight)) : "") +
+                           ", terms=[";
         for (size_t i = 0; i < terms.size(); ++i)
             text += (i ? ", " : "") + std::visit([](const auto& t) { return t.repr(); }, terms[i]);
         return text + "])";
@@ -109,7 +112,7 @@ struct Job {
 
 Job make_job(const std::string& name, uint64_t numel, uint64_t cols, size_t base_input,
              uint64_t base_offset, const std::string& base_dtype, const std::string& out_dtype,
-             uint64_t out_offset, std::vector<AnyTerm> terms) {
+             uint64_t out_offset, std::vector<AnyTerm> terms, double base_weight) {
     Job out;
     sku::Job& job = out.job;
     job.name = name;
@@ -120,6 +123,9 @@ Job make_job(const std::string& name, uint64_t numel, uint64_t cols, size_t base
     job.base_dtype = dtype_named(base_dtype);
     job.out_dtype = dtype_named(out_dtype);
     job.out_offset = out_offset;
+    if (!std::isfinite(base_weight))
+        throw sku::format_error("tensor \"" + name + "\": base_weight must be finite");
+    job.base_weight = base_weight;
     for (const AnyTerm& any : terms) {
         sku::Term term;
         if (const auto* dense = std::get_if<DenseTerm>(&any)) {
@@ -303,12 +309,12 @@ PYBIND11_MODULE(_C, m) {
         .def("__repr__", &LowRankTerm::repr);
     py::class_<Job>(m, "Job",
                     "One output tensor: numel elements (rows of `cols`) of the base read from "
-                    "inputs[base_input] at byte base_offset, plus the terms in order, rounded "
-                    "to out_dtype and written at byte out_offset of the output.")
+                    "inputs[base_input] at byte base_offset, times base_weight, plus the terms "
+                    "in order, rounded to out_dtype and written at byte out_offset.")
         .def(py::init(&make_job), py::kw_only(), py::arg("name"), py::arg("numel"),
              py::arg("cols") = 1, py::arg("base_input"), py::arg("base_offset"),
              py::arg("base_dtype"), py::arg("out_dtype"), py::arg("out_offset"),
-             py::arg("terms") = std::vector<AnyTerm>())
+             py::arg("terms") = std::vector<AnyTerm>(), py::arg("base_weight") = 1.0)
         .def_property_readonly("name", [](const Job& j) { return j.job.name; })
         .def_property_readonly("numel", [](const Job& j) { return j.job.numel; })
         .def_property_readonly("cols", [](const Job& j) { return j.job.cols; })
@@ -319,6 +325,7 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("out_dtype",
                                [](const Job& j) { return sku::dtype_name(j.job.out_dtype); })
         .def_property_readonly("out_offset", [](const Job& j) { return j.job.out_offset; })
+        .def_property_readonly("base_weight", [](const Job& j) { return j.job.base_weight; })
         .def_property_readonly("terms", [](const Job& j) { return j.terms; })
         .def("__repr__", &Job::repr);
 

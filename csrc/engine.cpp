@@ -64,15 +64,21 @@ void compute_chunk(const Context& ctx, const Job& job, uint64_t e0, size_t n, Sc
     const char* base = base_map.data();
     bool done = false;
     if constexpr (std::is_same_v<T, float>) {
-        if (job.terms.size() == 1) done = try_fused(job, base, term_maps[0].data(), out, n);
+        if (job.terms.size() == 1 && job.base_weight == 1.0)
+            done = try_fused(job, base, term_maps[0].data(), out, n);
     }
+    const T base_weight = T(job.base_weight);
 
     T b[kBlock], acc[kBlock], t[kBlock];
     float d[kBlock];
     for (size_t i0 = 0; i0 < n && !done; i0 += kBlock) {
         const size_t m = std::min(kBlock, n - i0);
         decode<T>(job.base_dtype, base + i0 * base_size, b, m);
-        std::copy(b, b + m, acc);
+        if (job.base_weight == 1.0) {
+            std::copy(b, b + m, acc);
+        } else {
+            for (size_t j = 0; j < m; ++j) acc[j] = base_weight * b[j];
+        }
         for (size_t k = 0; k < job.terms.size(); ++k) {
             const Term& term = job.terms[k];
             const T w = T(term.weight);
@@ -104,7 +110,7 @@ void copy_chunk(const Context& ctx, const Job& job, uint64_t e0, size_t n) {
 }
 
 void run_chunk(const Context& ctx, const Job& job, uint64_t e0, size_t n, Scratch& s) {
-    if (job.terms.empty() && job.out_dtype == job.base_dtype) {
+    if (job.terms.empty() && job.out_dtype == job.base_dtype && job.base_weight == 1.0) {
         copy_chunk(ctx, job, e0, n);
     } else if (job.base_dtype == DType::F64 || job.out_dtype == DType::F64) {
         compute_chunk<double>(ctx, job, e0, n, s);
@@ -115,7 +121,8 @@ void run_chunk(const Context& ctx, const Job& job, uint64_t e0, size_t n, Scratc
 
 void check_job(const Job& job, size_t n_inputs) {
     const std::string where = "tensor \"" + job.name + "\"";
-    const bool arithmetic = !job.terms.empty() || job.out_dtype != job.base_dtype;
+    const bool arithmetic =
+        !job.terms.empty() || job.out_dtype != job.base_dtype || job.base_weight != 1.0;
     if (arithmetic && (!dtype_is_arithmetic(job.base_dtype) || !dtype_is_arithmetic(job.out_dtype)))
         throw format_error(where + ": arithmetic on dtype " + dtype_name(job.base_dtype) + " -> " +
                            dtype_name(job.out_dtype) + " is not supported");

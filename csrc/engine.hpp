@@ -36,6 +36,8 @@ struct Job {
     DType base_dtype = DType::F32;
     DType out_dtype = DType::F32;
     uint64_t out_offset = 0;  // absolute byte offset in the output file
+    // acc starts at base_weight * base (1: the base itself); -λ scales a LoRA B matrix
+    double base_weight = 1.0;
     std::vector<Term> terms;
 };
 

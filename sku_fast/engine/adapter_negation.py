@@ -1,23 +1,22 @@
 """`negate_lora`: the negated LoRA adapter itself. `lora_B` scaled by −λ gives `θ_o − λ·τ` once
 merged: a few MB instead of a whole model.
 
-Tensors are streamed: each is read, negated and written in chunks of at most CHUNK_BYTES of
-stored data (`os.pread` at file offsets), so memory stays bounded whatever the size of a
-`lora_B` or of a whole-stored module. The arithmetic is elementwise, fp32 (fp64 with F64)
-rounded once to the tensor's dtype, so chunking changes no bit of the result.
+The adapter file is written by the streaming engine (`sku_fast._C.combine`), like every other
+output of sku-fast: each `lora_B` is a job whose base is weighted −λ, each tensor stored whole
+is `base − λ·(tuned − base)` against the base model's tensor, the rest is copied. So memory is
+bounded by the engine's chunks whatever the size of a tensor, and every result is computed in
+fp32 (fp64 with F64) and rounded once by the same code as a whole-model negation.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-
+from sku_fast import _C
 from sku_fast.engine.adapter import (
     ADAPTER_WEIGHTS,
-    NUMPY_DTYPES,
+    Adapter,
     BaseModel,
     check_against_base,
     is_adapter_dir,
@@ -25,7 +24,6 @@ from sku_fast.engine.adapter import (
 )
 from sku_fast.engine.checkpoint import (
     FLOAT_DTYPES,
-    ITEMSIZE,
     TensorEntry,
     check_output_parent,
     encode_header,
@@ -36,82 +34,39 @@ from sku_fast.engine.limits import check_weight
 from sku_fast.engine.output import check_output, copy_file, write_atomically
 from sku_fast.errors import CheckpointError
 
-# stored bytes per chunk; a bf16 chunk's fp32 copies and rounding temporaries take ~10× that
-CHUNK_BYTES = 4 << 20
 
+def _jobs(
+    adapter: Adapter,
+    base_map: dict[str, TensorEntry],
+    scale: float,
+    header_size: int,
+    files: list[Path],
+) -> list[_C.Job]:
+    """One engine job per tensor of the adapter file, in its order (inputs: `files`)."""
+    b_keys = {mod.b for mod in adapter.modules.values()}
+    replaced = {key: name for name, key in adapter.replaced.items()}
 
-def _decode(raw: bytes | bytearray, dtype: str) -> np.ndarray:
-    """Stored bytes of a float tensor -> flat fp32 array (fp64 for F64)."""
-    a = np.frombuffer(raw, dtype=NUMPY_DTYPES[dtype])
-    if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float64 if dtype == "F64" else np.float32)
+    def index(path: Path) -> int:
+        if path not in files:
+            files.append(path)
+        return files.index(path)
 
-
-def _from_float(x: np.ndarray, dtype: str) -> bytes:
-    """fp32/fp64 array -> bytes of `dtype`, rounded once to nearest even (NaN kept)."""
-    if dtype != "BF16":
-        return np.ascontiguousarray(x, dtype=NUMPY_DTYPES[dtype]).tobytes()
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype("<u2")
-    rounded[np.isnan(x)] = 0x7FC0  # the quiet NaN torch produces
-    return rounded.tobytes()
-
-
-class _Reader:
-    """Reads tensors of the input files in chunks at their offsets, one open file each."""
-
-    def __init__(self) -> None:
-        self.fds: dict[Path, int] = {}
-
-    def read(self, e: TensorEntry, start: int, count: int) -> bytes:
-        """The stored bytes of elements [start, start + count) of `e`."""
-        itemsize = ITEMSIZE[e.dtype]
-        try:
-            fd = self.fds.get(e.file)
-            if fd is None:
-                fd = self.fds[e.file] = os.open(e.file, os.O_RDONLY)
-            raw = os.pread(fd, count * itemsize, e.offset + start * itemsize)
-        except OSError as error:
-            raise CheckpointError(
-                f"{e.file}: tensor {e.name!r}: cannot read: {error.strerror or error}"
-            ) from error
-        if len(raw) != count * itemsize:
-            raise CheckpointError(f"{e.file}: tensor {e.name!r}: file shrank while reading")
-        return raw
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _spans(e: TensorEntry) -> Iterator[tuple[int, int]]:
-    """(first element, count) of each chunk of `e`."""
-    step = max(1, CHUNK_BYTES // ITEMSIZE[e.dtype])
-    for start in range(0, e.numel, step):
-        yield start, min(step, e.numel - start)
-
-
-def _write_safetensors(
-    path: Path,
-    metadata: dict[str, str],
-    entries: tuple[TensorEntry, ...],
-    produce: Callable[[TensorEntry], Iterable[bytes]],
-) -> None:
-    """Write `entries` (their dtype and shape, in this order) with the bytes `produce` yields
-    for each, chunk by chunk, then fsync."""
-    header, _ = encode_header(metadata, [(e.name, e.dtype, e.shape) for e in entries])
-    with open(path, "wb") as f:
-        f.write(header)
-        for e in entries:
-            written = 0
-            for raw in produce(e):
-                f.write(raw)
-                written += len(raw)
-            assert written == e.nbytes, e.name
-        f.flush()
-        os.fsync(f.fileno())
+    jobs, offset = [], header_size
+    for e in adapter.weights.tensors:
+        own = {"name": e.name, "numel": e.numel, "cols": e.shape[-1] if e.shape else 1,
+               "out_dtype": e.dtype, "out_offset": offset}  # fmt: skip
+        if e.name in replaced:
+            theta = base_map[replaced[e.name]]
+            _check_whole(e, theta)
+            term = _C.DenseTerm(weight=-scale, input=index(e.file), offset=e.offset, dtype=e.dtype)
+            jobs.append(_C.Job(**own, base_input=index(theta.file), base_offset=theta.offset,
+                               base_dtype=theta.dtype, terms=[term]))  # fmt: skip
+        else:
+            weight = -scale if e.name in b_keys else 1.0
+            jobs.append(_C.Job(**own, base_input=index(e.file), base_offset=e.offset,
+                               base_dtype=e.dtype, base_weight=weight))  # fmt: skip
+        offset += e.nbytes
+    return jobs
 
 
 # ----------------------------------------------------------------------------- negation
@@ -132,9 +87,9 @@ def negate_lora(
     stored whole (`modules_to_save`, biases trained with bias="all"/"lora_only") become
     `base − scale·(tuned − base)`, which needs the base values: pass `base` (a .safetensors file,
     or a model directory, sharded or not) for those adapters; otherwise CheckpointError says so.
-    `scale` (λ) is positive and at most 1000 (ValueError otherwise). Tensors are streamed in
-    bounded chunks, so memory does not grow with their size. The input is never modified; the
-    output directory appears atomically. Returns its path.
+    `scale` (λ) is positive and at most 1000 (ValueError otherwise). The engine streams every
+    tensor in bounded chunks, so memory does not grow with their size. The input is never
+    modified; the output directory appears atomically. Returns its path.
     """
     scale = check_weight(scale, "scale", negation=True)
     out = Path(out)
@@ -162,34 +117,24 @@ def negate_lora(
             "(CLI: --base PATH)"
         )
 
-    b_keys = {mod.b for mod in adapter_.modules.values()}
-    replaced_keys = {key: name for name, key in adapter_.replaced.items()}
-    for key, name in replaced_keys.items():
-        _check_whole(adapter_.tensors[key], base_map[name])
-    reader = _Reader()
-
-    def produce(e: TensorEntry) -> Iterator[bytes]:
-        theta = base_map.get(replaced_keys.get(e.name, ""))
-        for start, count in _spans(e):
-            raw = reader.read(e, start, count)
-            with np.errstate(all="ignore"):  # overflow gives ±inf, as in the engine: no warning
-                if e.name in b_keys:
-                    raw = _from_float(_decode(raw, e.dtype) * -scale, e.dtype)
-                elif theta is not None:
-                    base_raw = reader.read(theta, start, count)
-                    raw = _negated_whole(e, raw, base_raw, theta, scale)
-            yield raw
+    header, _ = encode_header(
+        weights.metadata, [(e.name, e.dtype, e.shape) for e in weights.tensors]
+    )
+    files: list[Path] = []
+    jobs = _jobs(adapter_, base_map, scale, len(header), files)
 
     def write(tmp: Path) -> None:
         for f in sorted(adapter_.directory.iterdir()):
             if f.name != ADAPTER_WEIGHTS and path_kind(f) == "file":
                 _copy_input(f, tmp / f.name)
-        _write_safetensors(tmp / ADAPTER_WEIGHTS, weights.metadata, weights.tensors, produce)
+        target = tmp / ADAPTER_WEIGHTS
+        try:
+            _C.combine(str(target), header, [str(f) for f in files], jobs, 1, None)
+        except CheckpointError as error:  # name the output the user asked for
+            error.args = (str(error).replace(str(tmp), str(out)),)
+            raise
 
-    try:
-        write_atomically(out, write)
-    finally:
-        reader.close()
+    write_atomically(out, write)
     return out
 
 
@@ -209,14 +154,3 @@ def _check_whole(e: TensorEntry, base: TensorEntry) -> None:
             f"{e.file}: tensor {e.name!r} is {e.dtype} and base {base.name!r} is "
             f"{base.dtype}; only float tensors can be negated"
         )
-
-
-def _negated_whole(
-    e: TensorEntry, raw: bytes, base_raw: bytes, base: TensorEntry, scale: float
-) -> bytes:
-    """base − λ·(tuned − base) for a chunk of a tensor stored whole, rounded once to the
-    adapter's dtype."""
-    wide = np.float64 if "F64" in (e.dtype, base.dtype) else np.float32
-    tuned = _decode(raw, e.dtype).astype(wide)
-    theta = _decode(base_raw, base.dtype).astype(wide)
-    return _from_float(theta - wide(scale) * (tuned - theta), e.dtype)
