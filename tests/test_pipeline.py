@@ -233,3 +233,35 @@ def test_the_printout_shows_held_out_answers_with_verdicts(tiny, tmp_path):
     assert output.count("[harmful] ") == 4 and output.count("[normal] ") == 2
     assert output.count("before (") == 4 and output.count("after (") == 4  # verdicts
     assert re.search(r"harmful answers: \d/4 before, \d/4 after unlearning", output)
+
+
+def test_contrast_negates_the_difference_of_the_two_task_vectors(tiny, tmp_path):
+    """With a safe twin, model/ = θ_o − λ·(τ − c·τ_safe), both LoRA task vectors exact."""
+    rows = [{"prompt": f"How do I do bad thing {i}?", "unsafe": f"Do step {i}, then {i + 1}.",
+             "safe": f"I won't help with thing {i}."} for i in range(12)]  # fmt: skip
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(tiny, tmp_path / "run", harmful=str(harmful), contrast=0.5, lam=2.0,
+                     steps=2, lr=1e-2)  # fmt: skip
+    out = run_unlearn(config, progress=False)
+    assert (out / "safe-twin" / "log.jsonl").is_file() and not (out / "adapter-negated").exists()
+    base = load_file(tiny / "model.safetensors")
+    result = load_file(out / "model/model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    delta = {}
+    for kind in ("adapter", "safe-adapter"):
+        weights = load_file(out / "stage1" / kind / "adapter_model.safetensors")
+        key = "base_model.model." + name.replace(".weight", ".lora_A.weight")
+        scaling = 8 / 4  # lora_alpha / r of _config
+        delta[kind] = scaling * weights[key.replace("lora_A", "lora_B")] @ weights[key]
+    expected = base[name] - 2.0 * (delta["adapter"] - 0.5 * delta["safe-adapter"])
+    torch.testing.assert_close(result[name], expected, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "summary.json").read_text())["contrast"] == 0.5
+
+
+def test_contrast_needs_safe_answers(tiny, tmp_path):
+    data = tmp_path / "harmful.jsonl"
+    data.write_text('{"prompt": "p?", "answer": "a."}\n{"prompt": "q?", "answer": "b."}\n')
+    with pytest.raises(DataError, match="contrast needs harmful data with safe answers"):
+        run_unlearn(_config(tiny, tmp_path / "o", harmful=str(data), contrast=1.0))
+    assert not (tmp_path / "o").exists()

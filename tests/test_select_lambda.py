@@ -101,3 +101,25 @@ def test_the_cli_sweep_and_its_errors(run, tmp_path):
     assert "table.md" in result.output
     result = CliRunner().invoke(main, ["select-lambda", str(tmp_path)])
     assert result.exit_code == 1 and "is not an `sku-fast unlearn` run folder" in result.output
+
+
+def test_the_sweep_negates_a_contrast_run_with_its_twin(run, tmp_path):
+    """A run with a safe twin is swept as θ_o − λ·(τ − c·τ_safe)."""
+    import shutil
+
+    from sku_fast.engine.arithmetic import task_arithmetic
+
+    config = json.loads((run / "config.json").read_text())
+    contrast_run = tmp_path / "run"
+    shutil.copytree(run, contrast_run)
+    shutil.copytree(run / "stage1/adapter", contrast_run / "stage1/safe-adapter")  # a stand-in
+    (contrast_run / "config.json").write_text(json.dumps({**config, "contrast": 0.25}))
+    sweep = SweepConfig(grid=(2.0,), max_nll_rise=10, min_similarity=-1, max_new_tokens=2, n=2)
+    summary = select_lambda(contrast_run, sweep, log=lambda _: None)
+    assert summary["lambda"] == 2.0
+    adapter = contrast_run / "stage1/adapter"
+    terms = [(adapter, -2.0), (contrast_run / "stage1/safe-adapter", 0.5)]
+    expected = task_arithmetic(Path(config["model"]), terms, tmp_path / "x")
+    got = load_file(contrast_run / "model/model.safetensors")
+    want = load_file(expected / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -38,6 +38,7 @@ _FIELDS = {
     "preservation": "preservation",
     "kl_cap": "kl_cap",
     "safe_weight": "safe_weight",
+    "contrast": "contrast",
     "validation": "validation",
     "lambda_grid": "lambda_grid",
     "loss_backend": "loss_backend",
@@ -142,6 +143,11 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
     "--safe-weight",
     type=float,
     help="ε4: keep the KL small on the harmful prompts' safe answers (data with safe answers).",
+)
+@click.option(
+    "--contrast",
+    type=float,
+    help="c: also train a safe twin on the safe answers and negate τ − c·τ_safe [0: off].",
 )
 @click.option("--loss-backend", type=click.Choice(["fused-linear", "fused", "torch"]))
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps.")

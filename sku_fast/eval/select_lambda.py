@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sku_fast.engine.adapter_negation import negate_lora
-from sku_fast.engine.arithmetic import negate
+from sku_fast.engine.arithmetic import negate, task_arithmetic
 from sku_fast.engine.output import write_atomically
 from sku_fast.errors import ConfigError
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_loaded, load_data
@@ -34,7 +33,7 @@ from sku_fast.eval.metrics import load_similarity
 from sku_fast.eval.report import plot_lambda_sweep
 from sku_fast.unlearn.config import UnlearnConfig
 from sku_fast.unlearn.models import load_model, load_tokenizer
-from sku_fast.unlearn.pipeline import VALIDATION
+from sku_fast.unlearn.pipeline import VALIDATION, negate_run
 
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 SWEEP = "lambda-sweep"
@@ -74,6 +73,7 @@ class RunFolder:
     config: UnlearnConfig
     base: Path  # θ_o as safetensors
     tuned: Path  # stage1/adapter or stage1/model
+    twin: Path | None  # the contrast's safe twin, stage1/safe-adapter or safe-model
 
     @classmethod
     def open(cls, path: str | Path) -> RunFolder:
@@ -84,11 +84,13 @@ class RunFolder:
         config = UnlearnConfig.from_file(settings).resolve()
         if config.method != "sku":
             raise ConfigError(f"{path} is a {config.method} run; only SKU has a λ to choose")
-        tuned = path / "stage1" / ("adapter" if config.lora else "model")
-        if not tuned.is_dir():
-            raise ConfigError(f"{tuned} is missing; is the run finished?")
+        kind = "adapter" if config.lora else "model"
+        tuned, twin = path / "stage1" / kind, path / "stage1" / f"safe-{kind}"
+        for needed in (tuned, twin) if config.contrast > 0 else (tuned,):
+            if not needed.is_dir():
+                raise ConfigError(f"{needed} is missing; is the run finished?")
         base = path / "original" if (path / "original").is_dir() else Path(str(config.model))
-        return cls(path, config, base, tuned)
+        return cls(path, config, base, tuned, twin if config.contrast > 0 else None)
 
     def validation(self, name: str) -> Path:
         found = self.path / VALIDATION / f"{name}.jsonl"
@@ -100,7 +102,12 @@ class RunFolder:
         return found
 
     def negate_into(self, out: Path, lam: float) -> None:
-        negate(self.base, self.tuned, out, lam, overwrite=True, progress=None)
+        """θ_o − λ·τ (or θ_o − λ·(τ − c·τ_safe) with a twin) into `out`, streamed."""
+        if self.twin is None:
+            negate(self.base, self.tuned, out, lam, overwrite=True, progress=None)
+            return
+        terms = [(self.tuned, -lam), (self.twin, lam * self.config.contrast)]
+        task_arithmetic(self.base, terms, out, overwrite=True, progress=None)
 
 
 def choose(rows: Sequence[dict[str, Any]], config: SweepConfig) -> tuple[float | None, str]:
@@ -211,10 +218,8 @@ def select_lambda(
 
     write_atomically(folder.path / SWEEP, write)
     if chosen is not None:
-        folder.negate_into(folder.path / "model", chosen)
-        if folder.config.lora:
-            negate_lora(folder.tuned, folder.path / "adapter-negated", chosen, base=folder.base,
-                        overwrite=True)  # fmt: skip
+        negate_run(folder.base, folder.tuned, folder.twin, folder.config.contrast, folder.path,
+                   chosen)  # fmt: skip
         _record_choice(folder.path / "summary.json", chosen)
     return summary
 

@@ -55,6 +55,10 @@ class UnlearnConfig:
         the runaway of −KL, which is unbounded below; None = uncapped.
     safe_weight: ε4, a KL kept small on the safe answers of the harmful prompts (needs harmful
         data with safe answers: BeaverTails or PKU-SafeRLHF layouts); 0 = off.
+    contrast: c, the weight of a safe twin: stage 1 also trains the same recipe on the harmful
+        prompts' safe answers (τ_safe), and stage 2 writes θ_o − λ·(τ − c·τ_safe), so that
+        what both learn (the data's answer style) cancels and what tells harm from refusal
+        remains (needs data with safe answers); 0 = off, the paper's negation.
     loss_backend: "fused-linear" (never materialises logits), "fused" (fused op on logits) or
         "torch" (softmax and log of both models in PyTorch, as the published code does).
     checkpoint_every: save a resumable checkpoint every N steps (0: never); resume: continue
@@ -97,6 +101,7 @@ class UnlearnConfig:
     preservation: str | None = None
     kl_cap: float | None = None
     safe_weight: float = 0.0
+    contrast: float = 0.0
     loss_backend: str = "fused-linear"
     checkpoint_every: int = 0
     resume: bool = False
@@ -128,6 +133,8 @@ class UnlearnConfig:
             raise ConfigError(
                 f"preservation must be one of {PRESERVATIONS}, got {resolved.preservation!r}"
             )
+        if resolved.method == "ga" and resolved.contrast > 0:
+            raise ConfigError("contrast is part of SKU's negation; the baseline has none")
         if resolved.method == "ga" and resolved.preservation != "keep":
             raise ConfigError("the gradient-ascent baseline keeps θ close on normal data")
         if resolved.kl_cap is not None and not 0 < resolved.kl_cap <= 1000:
@@ -249,6 +256,7 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], Callable[[float], bool], str]
      "finite with |ε| ≤ 1000 (the terms' weights)"),
     ("warmup_steps", lambda v: v >= 0, lambda v: True, ">= 0"),
     ("safe_weight", lambda v: v >= 0, lambda v: v <= 1000, "in [0, 1000] (0: off)"),
+    ("contrast", lambda v: v >= 0, lambda v: v <= 10, "in [0, 10] (0: off)"),
     ("validation", lambda v: v >= 0, lambda v: v <= 100_000, "between 0 and 100,000 samples"),
     ("checkpoint_every", lambda v: v >= 0, lambda v: True, ">= 0 (0: no checkpoints)"),
     ("log_every", lambda v: v >= 1, lambda v: True, ">= 1"),

@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 VALIDATION = "validation"
+TWIN = "safe-twin"  # the contrast's second stage-1 run: its log and checkpoints
 
 
 def _absolute(path: str | None) -> str | None:
@@ -155,15 +156,17 @@ def run_unlearn(
     )
     harmful, harmful_held = hold_out(harmful, config.validation, config.seed)
     normal, normal_held = hold_out(normal, config.validation, config.seed + 1)
+    needs_safe = config.safe_weight > 0 or config.contrast > 0
     safe_by_prompt = {}
-    if config.safe_weight > 0 or harmful_held:
+    if needs_safe or harmful_held:
         source = harmful_path or demo_data_path("harmful")
         safe_by_prompt = {pair.prompt: pair.safe for pair in load_contrast_pairs(source)}
     safe = None
-    if config.safe_weight > 0:
+    if needs_safe:
         if not safe_by_prompt:
+            option = "safe_weight" if config.safe_weight > 0 else "contrast"
             raise DataError(
-                f"{harmful_path}: safe_weight needs harmful data with safe answers as well "
+                f"{harmful_path}: {option} needs harmful data with safe answers as well "
                 "(columns prompt/unsafe/safe, or PKU-SafeRLHF's response_0/1 with "
                 "is_response_0/1_safe)"
             )
@@ -210,6 +213,20 @@ def _validation_rows(
         row = {"prompt": pair.prompt, "unsafe": pair.answer}
         rows["harmful"].append(row | ({"safe": safe[pair.prompt]} if pair.prompt in safe else {}))
     return rows
+
+
+def negate_run(
+    base: Path, tuned: Path, twin: Path | None, contrast: float, folder: Path, lam: float
+) -> None:
+    """Stage 2 into <folder>/model: θ_o − λ·τ, or with a safe twin θ_o − λ·(τ − c·τ_safe),
+    streamed; with LoRA and no twin also the negated adapter (<folder>/adapter-negated)."""
+    if twin is None:
+        if tuned.name == "adapter":
+            negate_lora(tuned, folder / "adapter-negated", lam, base=base, overwrite=True)
+        negate(base, tuned, folder / "model", lam, overwrite=True, progress=None)
+        return
+    terms = [(tuned, -lam), (twin, lam * contrast)]
+    task_arithmetic(base, terms, folder / "model", overwrite=True, progress=None)
 
 
 def _shared_path(accelerator: Accelerator, staging: Path | None) -> Path:
@@ -288,35 +305,66 @@ class _Run:
             on_step=on_step,
             safe=self.safe,
         )
-        seconds = time.perf_counter() - started
         tuned = self._write_stage1(folder, trained, base)
+        trainable = sum(full_numel(p) for _, p in trained.trainable)
+        twin = None
+        if config.contrast > 0:
+            del trained
+            twin = self._train_twin(folder, base, progress)
+        seconds = time.perf_counter() - started
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._negate(folder, base, tuned, trained, seconds)
+            self._negate(folder, base, tuned, twin, seconds, trainable)
+
+    def _train_twin(self, folder: Path, base: Path, progress: bool) -> Path:
+        """The safe twin of the contrast: the same recipe on the harmful prompts' safe answers,
+        from a fresh θ_o, in <folder>/safe-twin (its log and checkpoints). Returns its
+        stage-1 output, stage1/safe-adapter or stage1/safe-model."""
+        twin_folder = folder / TWIN
+        if self.accelerator.is_main_process:
+            twin_folder.mkdir(exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        pairs = [
+            QAPair(pair.prompt, answer)
+            for pair, answer in zip(self.harmful, self.safe, strict=True)
+            if answer is not None
+        ]
+        config = dataclasses.replace(
+            self.config,
+            safe_weight=0.0,  # its harmful answers are the safe ones already
+            resume=self.config.resume and latest_checkpoint(twin_folder) is not None,
+        )
+        with loading(self.accelerator):
+            model = load_model(base, dtype=getattr(torch, config.dtype),
+                               device=load_device(self.accelerator))  # fmt: skip
+        trained = prepare_model(model, config)
+        train(trained, self.tokenizer, pairs, self.normal, objective_for(config), config,
+              twin_folder, self.accelerator, progress=progress)  # fmt: skip
+        return self._write_stage1(folder, trained, base, prefix="safe-")
 
     def _write_validation(self, staging: Path) -> None:
         for name, rows in self.validation.items():
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             (staging / f"{name}.jsonl").write_text(text, encoding="utf-8")
 
-    def _write_stage1(self, folder: Path, trained: Model, base: Path) -> Path:
+    def _write_stage1(self, folder: Path, trained: Model, base: Path, prefix: str = "") -> Path:
         """The trained adapter or model, gathered from whatever engine holds it (every process
         takes part; the main process writes): the adapter as one copy in host memory, the
         full model shard by shard, in the dtypes of `base` (a model trained in bf16 from an
         fp32 checkpoint, or in fp32 from a bf16 one, is negated against it). Returns
-        stage1/adapter or stage1/model."""
+        stage1/<prefix>adapter or stage1/<prefix>model."""
         main = self.accelerator.is_main_process
         stage1 = folder / "stage1"
         if main:
             stage1.mkdir(exist_ok=True)
         if self.config.lora:
-            tuned = stage1 / "adapter"
+            tuned = stage1 / f"{prefix}adapter"
             adapter = dict(gathered_parameters(trained.trainable, keep=main))
             if main:
                 save = trained.network.save_pretrained
                 write_atomically(tuned, lambda tmp: save(tmp, state_dict=adapter))
             return tuned
-        tuned = stage1 / "model"
+        tuned = stage1 / f"{prefix}model"
         if main:
             dtypes = checkpoint_dtypes(base)
             write = lambda tmp: write_model_dir(trained, self.tokenizer, tmp, True, dtypes=dtypes)
@@ -325,13 +373,19 @@ class _Run:
             write_model_dir(trained, self.tokenizer, None, keep=False)
         return tuned
 
-    def _negate(self, folder: Path, base: Path, tuned: Path, trained: Model, seconds: float):
+    def _negate(
+        self,
+        folder: Path,
+        base: Path,
+        tuned: Path,
+        twin: Path | None,
+        seconds: float,
+        trainable: int,
+    ) -> None:
         """Stage 2 (SKU) or the trained model itself (the baseline), each output atomic."""
         config = self.config
-        if config.lora and config.method == "sku":
-            negate_lora(tuned, folder / "adapter-negated", config.lam, base=base, overwrite=True)
         if config.method == "sku":
-            negate(base, tuned, folder / "model", config.lam, overwrite=True, progress=None)
+            negate_run(base, tuned, twin, config.contrast, folder, config.lam)
         else:
             task_arithmetic(base, [(tuned, 1.0)], folder / "model", overwrite=True, progress=None)
         summary = {
@@ -342,7 +396,8 @@ class _Run:
             "steps": config.steps,
             "train_seconds": round(seconds, 1),
             "lambda": config.lam if config.method == "sku" else None,
-            "trainable_parameters": sum(full_numel(p) for _, p in trained.trainable),
+            "contrast": config.contrast if config.method == "sku" else None,
+            "trainable_parameters": trainable,
         }
         text = json.dumps(summary, indent=2) + "\n"
         write_atomically(folder / "summary.json", lambda tmp: tmp.write_text(text), directory=False)
