@@ -26,7 +26,9 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _config(tiny: Path, out: Path, **overrides) -> UnlearnConfig:
-    values = dict(model=str(tiny), steps=3, out=str(out), lora_r=4, lora_alpha=8, max_length=96)
+    # contrast 0: the paper's negation, whose result these tests compute exactly
+    values = dict(model=str(tiny), steps=3, out=str(out), lora_r=4, lora_alpha=8, max_length=96,
+                  contrast=0.0)  # fmt: skip
     return UnlearnConfig(**{**values, **overrides})
 
 
@@ -50,7 +52,8 @@ def test_sku_lora_end_to_end(tiny, tmp_path):
         assert (out / name).exists(), name
     assert not (out / "original").exists()  # the tiny model is already safetensors
     saved = UnlearnConfig.from_file(out / "config.json")
-    assert saved.epsilon == [2.5, 2.5, 1.0] and saved.lr == 2e-4 and saved.lam == 0.7
+    assert saved.epsilon == [1.0, 1.0, 3.0] and saved.preservation == "keep"
+    assert saved.lr == 2e-4 and saved.lam == 0.7 and saved.contrast == 0.0
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
 
     base = load_file(tiny / "model.safetensors")
@@ -265,3 +268,25 @@ def test_contrast_needs_safe_answers(tiny, tmp_path):
     with pytest.raises(DataError, match="contrast needs harmful data with safe answers"):
         run_unlearn(_config(tiny, tmp_path / "o", harmful=str(data), contrast=1.0))
     assert not (tmp_path / "o").exists()
+
+
+def test_the_safe_twin_is_on_by_default_when_the_data_has_safe_answers(tiny, tmp_path, capsys):
+    rows = [{"prompt": f"How do I do bad thing {i}?", "unsafe": f"Do step {i}, then {i + 1}.",
+             "safe": f"I won't help with thing {i}."} for i in range(6)]  # fmt: skip
+    with_safe = tmp_path / "with_safe.jsonl"
+    with_safe.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    without = tmp_path / "without.jsonl"
+    without.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["unsafe"]}) + "\n"
+                               for r in rows))  # fmt: skip
+    twin = run_unlearn(_config(tiny, tmp_path / "twin", harmful=str(with_safe), steps=1,
+                                 contrast=None),
+                       progress=False)  # fmt: skip
+    assert UnlearnConfig.from_file(twin / "config.json").contrast == 1.0
+    assert (twin / "stage1" / "safe-adapter").is_dir()
+    capsys.readouterr()
+    plain = run_unlearn(_config(tiny, tmp_path / "plain", harmful=str(without), steps=1,
+                                  contrast=None),
+                        progress=False)  # fmt: skip
+    assert UnlearnConfig.from_file(plain / "config.json").contrast == 0.0
+    assert not (plain / "stage1" / "safe-adapter").exists()
+    assert "has no varied safe answers, so SKU runs without" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def run(tmp_path_factory) -> Path:
     harmful.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = UnlearnConfig(model=str(model), harmful=str(harmful), out=str(root / "run"),
                            steps=3, lora_r=2, lora_alpha=4, max_length=64, lr=1e-2,
-                           validation=5)  # fmt: skip
+                           validation=5, contrast=0.0)  # fmt: skip
     return run_unlearn(config, progress=False)
 
 

@@ -97,12 +97,14 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option("--lora/--full", "lora", default=None, help="LoRA adapter [sku] or full [ga].")
 @click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [32].")
 @click.option("--lora-alpha", type=click.IntRange(min=1), help="LoRA alpha [16].")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps, exactly.")
+@click.option(
+    "--steps", type=click.IntRange(min=1), help="Optimizer steps, exactly [sku 200; ga 1000]."
+)
 @click.option(
     "--lambda",
     "lam",
     type=LambdaParam(),
-    help="Negation strength λ [1.0], or `auto`: chosen after training on held-out samples "
+    help="Negation strength λ [2], or `auto`: chosen after training on held-out samples "
     "(see --lambda-grid and --validation).",
 )
 @click.option(
@@ -123,7 +125,12 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option("--lr", type=float, help="Learning rate [2e-4; ga: 2e-6 full, 2e-4 LoRA].")
 @click.option("--k", "k", type=click.IntRange(min=1), help="Random answers per prompt [1].")
 @click.option("--max-length", type=click.IntRange(min=8), help="Tokens per row [256].")
-@click.option("--epsilon", type=float, nargs=3, help="Term weights ε1 ε2 ε3.")
+@click.option(
+    "--epsilon",
+    type=float,
+    nargs=3,
+    help="Term weights ε1 ε2 ε3 [sku 1 1 3; with --preservation diverge 2.5 2.5 1; ga 0.5 1 1].",
+)
 @click.option("--guided-distortion/--no-guided-distortion", default=None, help="Ablation.")
 @click.option("--random-disassociation/--no-random-disassociation", default=None, help="Ablation.")
 @click.option(
@@ -132,7 +139,7 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option(
     "--preservation",
     type=click.Choice(["diverge", "keep"]),
-    help="SKU's KL on normal data: diverge (−ε3·KL, the paper's) or keep (+ε3·KL).",
+    help="SKU's KL on normal data: keep (+ε3·KL) [default] or diverge (−ε3·KL, the paper's).",
 )
 @click.option(
     "--kl-cap",
@@ -147,7 +154,8 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 @click.option(
     "--contrast",
     type=float,
-    help="c: also train a safe twin on the safe answers and negate τ − c·τ_safe [0: off].",
+    help="c: also train a safe twin on the safe answers and negate τ − c·τ_safe "
+    "[1 when --harmful has safe answers, else 0; 0: the paper's negation].",
 )
 @click.option("--loss-backend", type=click.Choice(["fused-linear", "fused", "torch"]))
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps.")

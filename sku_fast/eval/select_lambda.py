@@ -82,6 +82,8 @@ class RunFolder:
         if not settings.is_file():
             raise ConfigError(f"{path} is not an `sku-fast unlearn` run folder (no config.json)")
         config = UnlearnConfig.from_file(settings).resolve()
+        if config.contrast is None:  # saved before the safe twin existed: the paper's negation
+            config.contrast = 0.0
         if config.method != "sku":
             raise ConfigError(f"{path} is a {config.method} run; only SKU has a λ to choose")
         kind = "adapter" if config.lora else "model"

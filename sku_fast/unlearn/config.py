@@ -17,15 +17,23 @@ from sku_fast.errors import ConfigError
 
 METHODS = ("sku", "ga")
 LOSS_BACKENDS = ("fused-linear", "fused", "torch")
-# ε (guided distortion / harmful CE, random answers, preservation KL) per method
-DEFAULT_EPSILON = {"sku": (2.5, 2.5, 1.0), "ga": (0.5, 1.0, 1.0)}
+# ε (guided distortion / harmful CE, random answers, preservation KL) per (method,
+# preservation). SKU's default keeps θ_bad near θ_o on normal data with a strong KL, so that τ
+# holds little normal knowledge; "diverge" is the paper's objective with the paper's weights
+# (docs/study.md, "Why the defaults depart from the paper").
+DEFAULT_EPSILON = {
+    ("sku", "keep"): (1.0, 1.0, 3.0),
+    ("sku", "diverge"): (2.5, 2.5, 1.0),
+    ("ga", "keep"): (0.5, 1.0, 1.0),
+}
 # (method, lora) -> learning rate. The baseline as published is full fine-tuning at 2e-6; with
 # LoRA that rate does not move the adapter at all, so LoRA gets the rate measured to move the
 # model about as much (docs/study.md, "A faithful baseline").
 DEFAULT_LR = {("sku", True): 2e-4, ("sku", False): 2e-4, ("ga", False): 2e-6, ("ga", True): 2e-4}
 DEFAULT_LORA = {"sku": True, "ga": False}
 PRESERVATIONS = ("diverge", "keep")
-DEFAULT_PRESERVATION = {"sku": "diverge", "ga": "keep"}
+DEFAULT_PRESERVATION = {"sku": "keep", "ga": "keep"}
+DEFAULT_STEPS = {"sku": 200, "ga": 1000}  # SKU: measured in docs/study.md; GA: as published
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,19 +46,20 @@ class UnlearnConfig:
     method: "sku" (stage 1 then negation) or "ga" (the gradient-ascent baseline, no negation).
     lora: train a LoRA adapter (reference = same network, adapter off) or the full model;
         None = the method's default (SKU: LoRA; the baseline: full fine-tuning, as published).
-    steps: optimizer steps, exactly; batch_size samples per micro-batch of each set;
-        grad_accum micro-batches per step.
-    lam: λ of the negation θ_o − λ·τ.
+    steps: optimizer steps, exactly; None = 200 for sku, 1000 (as published) for ga;
+        batch_size samples per micro-batch of each set; grad_accum micro-batches per step.
+    lam: λ of the negation θ_o − λ·τ (2: chosen on validation data in docs/study.md).
     validation: samples of each set held out of training (at most a fifth), saved in
         <out>/validation/ for choosing λ.
     lambda_grid: when set, `sku-fast unlearn` chooses λ from this grid after training, on the
         validation samples (sku-fast select-lambda); `lam` is then only the first guess.
     k: random answers per harmful prompt (random disassociation).
-    epsilon: weights of the three terms; None = (2.5, 2.5, 1) for sku, (0.5, 1, 1) for ga.
+    epsilon: weights of the three terms; None = (1, 1, 3) for sku (keep), the paper's
+        (2.5, 2.5, 1) for sku with preservation "diverge", (0.5, 1, 1) for ga.
     guided_distortion / random_disassociation / preservation_divergence: ablation switches.
-    preservation: SKU's KL term on normal data: "diverge" (−ε3·KL, the paper's: θ_bad moves
-        away from θ_o) or "keep" (+ε3·KL: θ_bad stays close, so τ holds less normal
-        knowledge); None = the method's default. The baseline always keeps.
+    preservation: SKU's KL term on normal data: "keep" (+ε3·KL, the default: θ_bad stays
+        close, so τ holds less normal knowledge) or "diverge" (−ε3·KL, the paper's: θ_bad
+        moves away from θ_o); None = "keep". The baseline always keeps.
     kl_cap: κ, the per-token cap of a diverging KL (no gradient beyond it): the guard against
         the runaway of −KL, which is unbounded below; None = uncapped.
     safe_weight: ε4, a KL kept small on the safe answers of the harmful prompts (needs harmful
@@ -58,7 +67,8 @@ class UnlearnConfig:
     contrast: c, the weight of a safe twin: stage 1 also trains the same recipe on the harmful
         prompts' safe answers (τ_safe), and stage 2 writes θ_o − λ·(τ − c·τ_safe), so that
         what both learn (the data's answer style) cancels and what tells harm from refusal
-        remains (needs data with safe answers); 0 = off, the paper's negation.
+        remains; 0 = off, the paper's negation; None (the default) = 1 when the harmful data
+        has safe answers, else 0.
     loss_backend: "fused-linear" (never materialises logits), "fused" (fused op on logits) or
         "torch" (softmax and log of both models in PyTorch, as the published code does).
     checkpoint_every: save a resumable checkpoint every N steps (0: never); resume: continue
@@ -80,8 +90,8 @@ class UnlearnConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    steps: int = 1000
-    lam: float = 1.0
+    steps: int | None = None
+    lam: float = 2.0
     out: str = "sku-fast-runs/run"
     seed: int = 0
     batch_size: int = 2
@@ -101,7 +111,7 @@ class UnlearnConfig:
     preservation: str | None = None
     kl_cap: float | None = None
     safe_weight: float = 0.0
-    contrast: float = 0.0
+    contrast: float | None = None
     loss_backend: str = "fused-linear"
     checkpoint_every: int = 0
     resume: bool = False
@@ -125,18 +135,22 @@ class UnlearnConfig:
             )
         if resolved.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {resolved.dtype!r}")
-        if resolved.epsilon is None:
-            resolved.epsilon = list(DEFAULT_EPSILON[resolved.method])
         if resolved.preservation is None:
             resolved.preservation = DEFAULT_PRESERVATION[resolved.method]
         if resolved.preservation not in PRESERVATIONS:
             raise ConfigError(
                 f"preservation must be one of {PRESERVATIONS}, got {resolved.preservation!r}"
             )
-        if resolved.method == "ga" and resolved.contrast > 0:
+        if resolved.method == "ga" and (resolved.contrast or 0) > 0:
             raise ConfigError("contrast is part of SKU's negation; the baseline has none")
+        if resolved.method == "ga":
+            resolved.contrast = 0.0
+        if resolved.steps is None:
+            resolved.steps = DEFAULT_STEPS[resolved.method]
         if resolved.method == "ga" and resolved.preservation != "keep":
             raise ConfigError("the gradient-ascent baseline keeps θ close on normal data")
+        if resolved.epsilon is None:
+            resolved.epsilon = list(DEFAULT_EPSILON[(resolved.method, resolved.preservation)])
         if resolved.kl_cap is not None and not 0 < resolved.kl_cap <= 1000:
             raise ConfigError(f"kl_cap must be in (0, 1000] nats per token, got {resolved.kl_cap}")
         if resolved.lora is None:
@@ -150,6 +164,8 @@ class UnlearnConfig:
         for name, low, high, why in _RANGES:
             values = getattr(resolved, name)
             for value in values if isinstance(values, list) else [values]:
+                if value is None:  # a default decided later (contrast: by the data)
+                    continue
                 if not (math.isfinite(value) and low(value) and high(value)):
                     raise ConfigError(f"{name} must be {why}, got {value}")
         if resolved.lambda_grid is not None:

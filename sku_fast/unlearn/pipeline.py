@@ -156,11 +156,22 @@ def run_unlearn(
     )
     harmful, harmful_held = hold_out(harmful, config.validation, config.seed)
     normal, normal_held = hold_out(normal, config.validation, config.seed + 1)
-    needs_safe = config.safe_weight > 0 or config.contrast > 0
     safe_by_prompt = {}
-    if needs_safe or harmful_held:
+    if config.safe_weight > 0 or config.contrast != 0 or harmful_held:
         source = harmful_path or demo_data_path("harmful")
         safe_by_prompt = {pair.prompt: pair.safe for pair in load_contrast_pairs(source)}
+    if config.contrast is None:  # the default: the safe twin whenever the data allows one
+        # the twin's random disassociation needs safe answers that differ
+        usable = len(set(safe_by_prompt.values())) >= 2
+        config = dataclasses.replace(config, contrast=1.0 if usable else 0.0)
+        if not usable:
+            print(
+                f"sku-fast: {harmful_path} has no varied safe answers, so SKU runs without its "
+                "safe twin (contrast 0); data with prompt/unsafe/safe columns negates more "
+                "selectively (docs/study.md)",
+                file=sys.stderr,
+            )
+    needs_safe = config.safe_weight > 0 or config.contrast > 0
     safe = None
     if needs_safe:
         if not safe_by_prompt:
