@@ -132,7 +132,9 @@ def eval_command(model, harmful, normal, reference, out, **options):
 @click.option("--eval-normal", type=_DATA, help="Held-out normal prompts [--normal].")
 @click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--lora/--full", "lora", default=True, show_default=True)
-@click.option("--lr", type=float, help="Learning rate [per method: SKU 2e-4, GA 2e-6].")
+@click.option(
+    "--lr", type=float, help="Learning rate [per method: SKU 2e-4; GA 2e-6 full, 2e-4 LoRA]."
+)
 @click.option("--train-batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=8), default=256, show_default=True)
 @click.option(

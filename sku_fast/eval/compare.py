@@ -26,7 +26,7 @@ from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_loaded, load_
 from sku_fast.eval.judges import load_judge
 from sku_fast.eval.metrics import load_similarity
 from sku_fast.eval.report import write_report
-from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.config import DEFAULT_STEPS, UnlearnConfig
 from sku_fast.unlearn.models import load_model, load_tokenizer
 from sku_fast.unlearn.pipeline import run_unlearn
 
@@ -89,6 +89,7 @@ def variant_config(config: CompareConfig, name: str) -> UnlearnConfig:
         **(switches | changes),
         epsilon=None if config.train.epsilon is None else list(config.train.epsilon),
         lr=config.train.lr,
+        steps=config.train.steps or DEFAULT_STEPS["sku"],  # the same steps for every variant
         out=str(Path(config.out) / name),
         overwrite=True,
         resume=False,

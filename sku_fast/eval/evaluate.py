@@ -197,8 +197,12 @@ def evaluate_loaded(
                 reference.model, reference.tokenizer, data["contrast"], data["normal"],
                 batch_size=config.batch_size,
             )  # fmt: skip
-        own = answer_nlls(model, tokenizer, data["contrast"], data["normal"],
-                          batch_size=config.batch_size)  # fmt: skip
+        own = (
+            reference.answer_nll  # the original itself: scored once
+            if model is reference.model
+            else answer_nlls(model, tokenizer, data["contrast"], data["normal"],
+                             batch_size=config.batch_size)
+        )  # fmt: skip
         results["forgetting"] = forgetting(own, reference.answer_nll)
     if not config.generate:
         results["normal"] = {
