@@ -81,8 +81,10 @@ class GridParam(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
-# the no-option demo on the embedded model (options given on the command line still win)
-DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
+# the no-option demo on the embedded model (options given on the command line still win):
+# 60 steps fit a 2-core CPU in minutes; λ 1.5, because at the default 2 two of the six
+# held-out normal demo answers degraded (README, "sku-fast unlearn")
+DEMO_SETTINGS = {"steps": 60, "batch_size": 2, "lam": 1.5}
 
 
 @click.command("unlearn")
@@ -171,8 +173,8 @@ DEMO_SETTINGS = {"steps": 24, "batch_size": 1}
 def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **options) -> None:
     """Unlearn harmful knowledge: stage 1 trains θ_bad, stage 2 writes θ_o − λ·(θ_bad − θ_o).
 
-    With no --model and no --config it runs a short SKU demo (24 steps of batch 1 unless
-    given) on the embedded SmolLM2-135M-Instruct and the packaged demo data. The output
+    With no --model, --config or data it runs a short SKU demo (60 steps of batch 2, λ 1.5,
+    unless given) on the embedded SmolLM2-135M-Instruct and the packaged demo data. The output
     folder holds model/ (loads with from_pretrained), the stage-1 result, the resolved
     config.json and a per-step log.jsonl.
     """
