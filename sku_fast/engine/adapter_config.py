@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sku_fast.engine.limits import MAX_LORA_ALPHA
+from sku_fast.engine.strict_json import unique_keys
 from sku_fast.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,14 +110,6 @@ def _find_non_finite(value, where: str) -> tuple[str, str] | None:
 def read_config(path: Path) -> dict:
     """The JSON object of an adapter config: UTF-8, no duplicate keys, no NaN or Infinity."""
 
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for key, value in pairs:
-            if key in out:
-                raise CheckpointError(f"{path}: duplicate key {key!r}")
-            out[key] = value
-        return out
-
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise CheckpointError(
@@ -134,7 +127,7 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(
             text,
-            object_pairs_hook=no_duplicates,
+            object_pairs_hook=unique_keys(path),
             parse_constant=_NonFinite,
             parse_float=_parse_float,
         )

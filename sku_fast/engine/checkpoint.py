@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sku_fast import _C
+from sku_fast.engine.strict_json import unique_keys
 from sku_fast.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -172,20 +173,12 @@ def encode_header(
 
 
 def _load_index(path: Path) -> dict:
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for key, value in pairs:
-            if key in out:
-                raise CheckpointError(f"{path}: duplicate key {key!r}")
-            out[key] = value
-        return out
-
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read: {error.strerror or error}") from error
     try:
-        index = json.loads(raw, object_pairs_hook=no_duplicates)
+        index = json.loads(raw, object_pairs_hook=unique_keys(path))
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path}: invalid JSON: {error}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
