@@ -17,8 +17,10 @@ from sku_fast.unlearn.tokens import IGNORE_INDEX
 
 
 def test_sku_and_baseline_are_settings_of_one_objective():
-    sku = objective_for(UnlearnConfig(method="sku", k=3).resolve())
-    assert sku == Objective(gd=2.5, rd=2.5, pd=-1.0, k=3, random_source="harmful")
+    sku = objective_for(UnlearnConfig(method="sku", k=3).resolve())  # the default: keep
+    assert sku == Objective(gd=1.0, rd=1.0, pd=3.0, k=3, random_source="harmful")
+    paper = objective_for(UnlearnConfig(preservation="diverge").resolve())
+    assert paper == Objective(gd=2.5, rd=2.5, pd=-1.0, k=1, random_source="harmful")
     ga = objective_for(UnlearnConfig(method="ga").resolve())
     assert ga == Objective(gd=-0.5, rd=1.0, pd=1.0, k=1, random_source="normal")
     ablated = objective_for(
