@@ -23,7 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-COMMON = dict(steps=3, lora_r=4, lora_alpha=8, max_length=64, batch_size=1, seed=0)
+# contrast 0: one stage-1 run per scenario (the safe twin is the same training again)
+COMMON = dict(steps=3, lora_r=4, lora_alpha=8, max_length=64, batch_size=1, seed=0, contrast=0.0)
 PER_SAMPLE = dict(random_disassociation=False, preservation_divergence=False)
 SCENARIOS = {
     "lora": dict(lora=True, lr=1e-2),
