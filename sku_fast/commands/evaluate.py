@@ -139,7 +139,7 @@ def eval_command(model, harmful, normal, reference, out, **options):
 @click.option("--max-length", type=click.IntRange(min=8), default=256, show_default=True)
 @click.option(
     "--variants",
-    default="original,ga,sku,sku-no-gd,sku-no-rd,sku-no-pd",
+    default="original,ga,ga-same-time,sku,sku-no-gd,sku-no-rd,sku-no-pd",
     show_default=True,
     help="Comma-separated subset to run.",
 )
