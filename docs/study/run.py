@@ -1,0 +1,142 @@
+"""The efficacy study of docs/study.md, end to end through the package's own API.
+
+Every arm is an `sku-fast unlearn` run on the training split; SKU's λ is chosen on the
+validation split by the λ sweep (`select_lambda`); the final numbers come from `sku-fast eval`
+on the test split, which nothing was chosen on. Runs are reused when their folder is complete,
+so the study can be stopped and continued.
+
+    python docs/study/make_split.py runs/study/data
+    python docs/study/run.py runs/study [ARM ...]        # default: every arm, in order
+    python docs/study/report.py runs/study docs/study    # tables and plots
+
+The intermediate points of a run (100 and 300 steps of a 1000-step run) are its checkpoints,
+turned into run folders of their own: the same run seen earlier, not separate shorter runs
+(whose learning rate would have decayed sooner).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_model
+from sku_fast.eval.generation import GenerationConfig
+from sku_fast.eval.select_lambda import SweepConfig, select_lambda
+from sku_fast.unlearn.config import UnlearnConfig
+from sku_fast.unlearn.pipeline import TWIN, run_unlearn
+
+GRID = (1.0, 2.0, 4.0)
+VALIDATION = {"n": 60, "max_new_tokens": 48}
+TEST = {"n": 150, "max_new_tokens": 48}  # the first 150 harmful and 120 normal test prompts
+
+# The defaults this study chose (200 steps: keep, ε = (1, 1, 3), the safe twin), with λ chosen
+# on the validation split; the paper's SKU as a user would start it (ε = (2.5, 2.5, 1), the
+# diverging KL, no twin, λ = 1), stopped at 200 steps, before the runaway; and the
+# gradient-ascent baseline with LoRA (lr 2e-4) and as published (full fine-tuning, lr 2e-6).
+# All on the embedded SmolLM2, LoRA r=32 on q/v, batch 2. The runs are shorter than the
+# paper's 1000 steps: the study had about two hours of a 2-core CPU.
+ARMS: dict[str, dict] = {
+    "sku": {},
+    # SKU trains two runs of 200 steps (θ_bad and its safe twin) and a GA step costs about what
+    # an SKU step does (three sets forward and backward, one reference forward), so 400 GA
+    # steps take about SKU's time; the measured times are in the results
+    "ga-lora-same-time": {"method": "ga", "lora": True, "steps": 400},
+    "sku-paper": {"steps": 200, "preservation": "diverge", "contrast": 0.0, "lam": 1.0},
+    "ga-lora": {"method": "ga", "lora": True, "steps": 200},
+    "ga": {"method": "ga", "steps": 200},
+}
+SWEEP = ("sku",)  # arms whose λ is chosen on the validation split
+CHECKPOINTS: dict[str, tuple[int, ...]] = {}  # e.g. {"sku": (100,)}: earlier points of a run
+
+
+def _data(root: Path, split: str) -> dict[str, Path]:
+    return {"harmful": root / "data" / f"harmful_{split}.jsonl",
+            "normal": root / "data" / f"normal_{split}.csv"}  # fmt: skip
+
+
+def _train(root: Path, name: str) -> Path:
+    out = root / name
+    if (out / "summary.json").is_file():
+        return out
+    data = {key: str(path) for key, path in _data(root, "train").items()}
+    config = UnlearnConfig(**data, out=str(out), overwrite=True, max_length=192, **ARMS[name])
+    print(f"[{name}] training", flush=True)
+    return run_unlearn(config)
+
+
+def _adapter_from_checkpoint(checkpoint: Path, like: Path, out: Path) -> None:
+    """A PEFT adapter folder from a checkpoint's trainable weights (PEFT drops ".default")."""
+    out.mkdir(parents=True)
+    shutil.copy(like / "adapter_config.json", out / "adapter_config.json")
+    weights = load_file(checkpoint / "trainable.safetensors")
+    save_file({k.replace(".default", ""): v for k, v in weights.items()},
+              out / "adapter_model.safetensors")  # fmt: skip
+
+
+def _at_step(run: Path, step: int) -> Path:
+    """The run as it was at `step`, as a run folder of its own (LoRA runs only)."""
+    out = run.parent / f"{run.name}@{step}"
+    if (out / "stage1").is_dir():
+        return out
+    out.mkdir(exist_ok=True)
+    for name in ("config.json", "original", "summary.json"):
+        source = run / name
+        if source.is_dir():
+            (out / name).symlink_to(source.resolve())
+        elif source.is_file():
+            shutil.copy(source, out / name)
+    checkpoint = run / "checkpoints" / f"step-{step:07d}"
+    _adapter_from_checkpoint(checkpoint, run / "stage1/adapter", out / "stage1/adapter")
+    if (run / "stage1/safe-adapter").is_dir():
+        twin = run / TWIN / "checkpoints" / f"step-{step:07d}"
+        _adapter_from_checkpoint(twin, run / "stage1/safe-adapter", out / "stage1/safe-adapter")
+    return out
+
+
+def _choose_lambda(root: Path, run: Path) -> None:
+    if (run / "lambda-sweep" / "table.json").is_file():
+        return
+    print(f"[{run.name}] choosing λ on the validation split", flush=True)
+    val = _data(root, "val")
+    select_lambda(run, SweepConfig(grid=GRID, harmful=val["harmful"], normal=val["normal"],
+                                   **VALIDATION))  # fmt: skip
+
+
+_original: list[Reference] = []  # loaded once: its answer likelihoods and answers are reused
+
+
+def _evaluate(root: Path, name: str, model: Path | None) -> None:
+    out = root / "eval" / name
+    if (out / "results.json").is_file():
+        return
+    print(f"[{name}] evaluating on the test split", flush=True)
+    test = _data(root, "test")
+    generation = GenerationConfig(max_new_tokens=TEST["max_new_tokens"])
+    config = EvalConfig(harmful=test["harmful"], normal=test["normal"], n=TEST["n"],
+                        generation=generation)  # fmt: skip
+    if not _original:
+        _original.append(Reference.load(None))
+    results = evaluate_model(model, config, out=out, reference=_original[0])
+    summary = model / "summary.json" if model is not None else None
+    if summary is not None and summary.is_file():
+        results["run"] = json.loads(summary.read_text())
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main(root: Path, arms: list[str]) -> None:
+    _evaluate(root, "original", None)
+    for name in arms:
+        run = _train(root, name)
+        folders = [run, *(_at_step(run, step) for step in CHECKPOINTS.get(name, ()))]
+        for folder in folders:
+            if name in SWEEP:
+                _choose_lambda(root, folder)
+            _evaluate(root, folder.name, folder)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:] or list(ARMS))
