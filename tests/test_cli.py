@@ -44,9 +44,12 @@ def test_runs_as_a_module_for_accelerate_launch():
     assert __version__ in result.stdout
 
 
-# A command that holds a staged output open until it is killed.
+# A command that holds a staged output open until it is killed. It starts as a foreground
+# process would: a shell without job control starts background jobs with SIGINT ignored, and
+# the test suite may run as one.
 HOLD_AN_OUTPUT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 import sku_fast.engine.arithmetic as arithmetic
 from sku_fast.cli import main
