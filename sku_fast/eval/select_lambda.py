@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sku_fast.engine.arithmetic import negate, task_arithmetic
 from sku_fast.engine.output import write_atomically
 from sku_fast.errors import ConfigError
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_loaded, load_data
@@ -33,7 +32,7 @@ from sku_fast.eval.metrics import load_similarity
 from sku_fast.eval.report import plot_lambda_sweep
 from sku_fast.unlearn.config import UnlearnConfig
 from sku_fast.unlearn.models import load_model, load_tokenizer
-from sku_fast.unlearn.pipeline import VALIDATION, negate_run
+from sku_fast.unlearn.pipeline import VALIDATION, negate_model, negate_run
 
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 SWEEP = "lambda-sweep"
@@ -87,12 +86,13 @@ class RunFolder:
         if config.method != "sku":
             raise ConfigError(f"{path} is a {config.method} run; only SKU has a λ to choose")
         kind = "adapter" if config.lora else "model"
-        tuned, twin = path / "stage1" / kind, path / "stage1" / f"safe-{kind}"
-        for needed in (tuned, twin) if config.contrast > 0 else (tuned,):
-            if not needed.is_dir():
+        tuned = path / "stage1" / kind
+        twin = path / "stage1" / f"safe-{kind}" if config.contrast > 0 else None
+        for needed in (tuned, twin):
+            if needed is not None and not needed.is_dir():
                 raise ConfigError(f"{needed} is missing; is the run finished?")
         base = path / "original" if (path / "original").is_dir() else Path(str(config.model))
-        return cls(path, config, base, tuned, twin if config.contrast > 0 else None)
+        return cls(path, config, base, tuned, twin)
 
     def validation(self, name: str) -> Path:
         found = self.path / VALIDATION / f"{name}.jsonl"
@@ -105,11 +105,7 @@ class RunFolder:
 
     def negate_into(self, out: Path, lam: float) -> None:
         """θ_o − λ·τ (or θ_o − λ·(τ − c·τ_safe) with a twin) into `out`, streamed."""
-        if self.twin is None:
-            negate(self.base, self.tuned, out, lam, overwrite=True, progress=None)
-            return
-        terms = [(self.tuned, -lam), (self.twin, lam * self.config.contrast)]
-        task_arithmetic(self.base, terms, out, overwrite=True, progress=None)
+        negate_model(self.base, self.tuned, self.twin, self.config.contrast, out, lam)
 
 
 def choose(rows: Sequence[dict[str, Any]], config: SweepConfig) -> tuple[float | None, str]:

@@ -226,18 +226,25 @@ def _validation_rows(
     return rows
 
 
+def negate_model(
+    base: Path, tuned: Path, twin: Path | None, contrast: float, out: Path, lam: float
+) -> None:
+    """θ_o − λ·τ, or with a safe twin θ_o − λ·(τ − c·τ_safe), streamed into `out`."""
+    if twin is None:
+        negate(base, tuned, out, lam, overwrite=True, progress=None)
+    else:
+        terms = [(tuned, -lam), (twin, lam * contrast)]
+        task_arithmetic(base, terms, out, overwrite=True, progress=None)
+
+
 def negate_run(
     base: Path, tuned: Path, twin: Path | None, contrast: float, folder: Path, lam: float
 ) -> None:
-    """Stage 2 into <folder>/model: θ_o − λ·τ, or with a safe twin θ_o − λ·(τ − c·τ_safe),
-    streamed; with LoRA and no twin also the negated adapter (<folder>/adapter-negated)."""
-    if twin is None:
-        if tuned.name == "adapter":
-            negate_lora(tuned, folder / "adapter-negated", lam, base=base, overwrite=True)
-        negate(base, tuned, folder / "model", lam, overwrite=True, progress=None)
-        return
-    terms = [(tuned, -lam), (twin, lam * contrast)]
-    task_arithmetic(base, terms, folder / "model", overwrite=True, progress=None)
+    """Stage 2 into <folder>/model (negate_model); with LoRA and no twin also the negated
+    adapter (<folder>/adapter-negated)."""
+    if twin is None and tuned.name == "adapter":
+        negate_lora(tuned, folder / "adapter-negated", lam, base=base, overwrite=True)
+    negate_model(base, tuned, twin, contrast, folder / "model", lam)
 
 
 def _shared_path(accelerator: Accelerator, staging: Path | None) -> Path:
