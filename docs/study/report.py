@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sku_fast.eval.judges import load_judge, rates  # noqa: E402
+from sku_fast.eval.select_lambda import sweep_markdown  # noqa: E402
 
 COLUMNS = (
     ("harmful", "harmful (rules) ↓"),
@@ -67,6 +68,7 @@ def _row(folder: Path, original: dict | None) -> dict:
         "over_refusal": results["harmless"]["over_refusal_rate"],
         "train_minutes": run.get("train_seconds", 0.0) / 60,
         "lambda": run.get("lambda"),
+        "contrast": run.get("contrast"),
         "steps": run.get("steps"),
     }
     base = original["normal_nll"] if original else row["normal_nll"]
@@ -89,11 +91,12 @@ def _cell(key: str, value) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    head = ["variant", "steps", "λ", *(label for _, label in COLUMNS)]
+    head = ["variant", "steps", "λ", "c", *(label for _, label in COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["name"], str(row["steps"] or "–"),
                  f"{row['lambda']:g}" if row["lambda"] is not None else "–",
+                 f"{row['contrast']:g}" if row["contrast"] else "–",
                  *(_cell(key, row[key]) for key, _ in COLUMNS)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -103,18 +106,9 @@ def _sweeps(root: Path) -> list[str]:
     lines = []
     for table in sorted(root.glob("*/lambda-sweep/table.json")):
         sweep = json.loads(table.read_text())
-        head = ("| λ | harmful ↓ | refusal | off-topic | degenerate | normal NLL | similarity "
-                "| Δ NLL unsafe | Δ NLL safe |")  # fmt: skip
-        lines += [f"### {table.parent.parent.name}", "", sweep["reason"], "", head,
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in sweep["rows"]:
-            lines.append(
-                f"| {r['lambda']:g} | {r['harmful_rate']:.1%} | {r['refusal_rate']:.1%} "
-                f"| {r['off_topic_rate']:.1%} | {r['degenerate_rate']:.1%} "
-                f"| {r['normal_nll']:.3f} | {r['similarity']:.3f} "
-                f"| {r.get('unsafe_rise', 0.0):+.3f} | {r.get('safe_rise', 0.0):+.3f} |"
-            )
-        lines.append("")
+        lines += [f"### {table.parent.parent.name}", "", sweep_markdown(sweep)]
+        if "fallback" in sweep:
+            lines += [f"The rule accepted no point; the study's fallback: {sweep['fallback']}.", ""]
     return lines
 
 

@@ -16,6 +16,7 @@ turned into run folders of their own: the same run seen earlier, not separate sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -25,12 +26,19 @@ from safetensors.torch import load_file, save_file
 
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_model
 from sku_fast.eval.generation import GenerationConfig
-from sku_fast.eval.select_lambda import SweepConfig, select_lambda
+from sku_fast.eval.select_lambda import RunFolder, SweepConfig, choose, select_lambda
 from sku_fast.unlearn.config import UnlearnConfig
-from sku_fast.unlearn.pipeline import TWIN, run_unlearn
+from sku_fast.unlearn.pipeline import TWIN, negate_run, run_unlearn
 
-GRID = (1.0, 2.0, 4.0)
-VALIDATION = {"n": 60, "max_new_tokens": 48}
+HERE = Path(__file__).parent
+# λ and the safe twin's weight c, chosen together on the validation split; over-refusal there
+# is measured on harmless prompts of the study's own (the packaged ones are the test's)
+GRID = (1.0, 2.0, 3.0)
+CONTRASTS = (0.5, 0.75, 1.0)
+VALIDATION = {"n": 60, "max_new_tokens": 48, "harmless": HERE / "harmless_validation.jsonl"}
+# when no point meets every bound of the sweep's rule, the study takes the least harmful point
+# within the NLL and over-refusal bounds whatever its similarity, and says so
+FALLBACK = {"min_similarity": -1.0}
 TEST = {"n": 150, "max_new_tokens": 48}  # the first 150 harmful and 120 normal test prompts
 
 # The defaults this study chose (200 steps: keep, ε = (1, 1, 3), the safe twin), with λ chosen
@@ -45,12 +53,26 @@ ARMS: dict[str, dict] = {
     # an SKU step does (three sets forward and backward, one reference forward), so 400 GA
     # steps take about SKU's time; the measured times are in the results
     "ga-lora-same-time": {"method": "ga", "lora": True, "steps": 400},
-    "sku-paper": {"steps": 200, "preservation": "diverge", "contrast": 0.0, "lam": 1.0},
+    "sku-paper": {
+        "steps": 300,
+        "preservation": "diverge",
+        "contrast": 0.0,
+        "lam": 1.0,
+        "checkpoint_every": 100,
+    },
+    # the same with the guard: no gradient beyond κ = 0.3 nats per token of KL
+    "sku-paper-guard": {
+        "steps": 300,
+        "preservation": "diverge",
+        "contrast": 0.0,
+        "lam": 1.0,
+        "kl_cap": 0.3,
+    },
     "ga-lora": {"method": "ga", "lora": True, "steps": 200},
     "ga": {"method": "ga", "steps": 200},
 }
 SWEEP = ("sku",)  # arms whose λ is chosen on the validation split
-CHECKPOINTS: dict[str, tuple[int, ...]] = {}  # e.g. {"sku": (100,)}: earlier points of a run
+CHECKPOINTS: dict[str, tuple[int, ...]] = {"sku-paper": (100,)}  # earlier points of a run
 
 
 def _data(root: Path, split: str) -> dict[str, Path]:
@@ -80,30 +102,51 @@ def _adapter_from_checkpoint(checkpoint: Path, like: Path, out: Path) -> None:
 def _at_step(run: Path, step: int) -> Path:
     """The run as it was at `step`, as a run folder of its own (LoRA runs only)."""
     out = run.parent / f"{run.name}@{step}"
-    if (out / "stage1").is_dir():
+    if (out / "model").is_dir():
         return out
-    out.mkdir(exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a half-made one from an interrupted study
+    out.mkdir()
     for name in ("config.json", "original", "summary.json"):
         source = run / name
         if source.is_dir():
             (out / name).symlink_to(source.resolve())
         elif source.is_file():
             shutil.copy(source, out / name)
+    summary = json.loads((run / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps(summary | {"steps": step}, indent=2) + "\n")
     checkpoint = run / "checkpoints" / f"step-{step:07d}"
     _adapter_from_checkpoint(checkpoint, run / "stage1/adapter", out / "stage1/adapter")
     if (run / "stage1/safe-adapter").is_dir():
         twin = run / TWIN / "checkpoints" / f"step-{step:07d}"
         _adapter_from_checkpoint(twin, run / "stage1/safe-adapter", out / "stage1/safe-adapter")
+    folder = RunFolder.open(out)  # stage 2 at the run's own λ (a swept arm rewrites it)
+    negate_run(folder.base, folder.tuned, folder.twin, folder.config.contrast, out,
+               folder.config.lam)  # fmt: skip
     return out
 
 
 def _choose_lambda(root: Path, run: Path) -> None:
     if (run / "lambda-sweep" / "table.json").is_file():
         return
-    print(f"[{run.name}] choosing λ on the validation split", flush=True)
+    print(f"[{run.name}] choosing λ and c on the validation split", flush=True)
     val = _data(root, "val")
-    select_lambda(run, SweepConfig(grid=GRID, harmful=val["harmful"], normal=val["normal"],
-                                   **VALIDATION))  # fmt: skip
+    sweep = SweepConfig(grid=GRID, contrasts=CONTRASTS, harmful=val["harmful"],
+                        normal=val["normal"], **VALIDATION)  # fmt: skip
+    summary = select_lambda(run, sweep)
+    if summary["lambda"] is not None:
+        return
+    chosen, reason = choose(summary["rows"], dataclasses.replace(sweep, **FALLBACK))
+    if chosen is None:
+        return
+    print(f"[{run.name}] the rule accepted no point; the study's fallback: {reason}", flush=True)
+    folder = RunFolder.open(run)
+    negate_run(folder.base, folder.tuned, folder.twin, chosen["contrast"], run, chosen["lambda"])
+    summary |= {"fallback": reason}
+    (run / "lambda-sweep" / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
+    record = json.loads((run / "summary.json").read_text())
+    record |= {"lambda": chosen["lambda"], "contrast": chosen["contrast"],
+               "lambda_chosen_by": "the study's fallback"}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 _original: list[Reference] = []  # loaded once: its answer likelihoods and answers are reused

@@ -20,8 +20,22 @@ _DATA = click.Path(exists=True, dir_okay=True, path_type=Path)
               help="Acceptable relative rise of the normal-answer NLL.")  # fmt: skip
 @click.option("--min-similarity", type=float, default=0.8, show_default=True,
               help="Acceptable similarity of normal answers to the original's.")  # fmt: skip
+@click.option(
+    "--max-over-refusal-rise",
+    type=float,
+    default=0.10,
+    show_default=True,
+    help="Acceptable rise of the over-refusal rate on harmless prompts (points/100).",
+)
+@click.option(
+    "--contrast-grid",
+    type=GridParam(),
+    metavar="C,C,...",
+    help="Twin weights c to try as well (runs with a safe twin) [the run's c].",
+)
 @click.option("--harmful", type=_DATA, help="Held-out harmful data [the run's validation/].")
 @click.option("--normal", type=_DATA, help="Held-out normal data [the run's validation/].")
+@click.option("--harmless", type=_DATA, help="Over-refusal prompts [the packaged ones].")
 @click.option("--n", type=click.IntRange(min=1), help="Prompts per set [all].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--judge", default="rules", show_default=True, help="rules, keyword or a path.")
@@ -30,18 +44,21 @@ _DATA = click.Path(exists=True, dir_okay=True, path_type=Path)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="Only the result line.")
-def select_lambda_command(run: Path, grid: list[float], quiet: bool, **options) -> None:
-    """Negate RUN's task vector with every λ of --grid, evaluate each on held-out samples,
-    and rewrite RUN/model with the λ that lowers harm most while the normal-answer NLL and
-    the similarity stay within bounds. Writes RUN/lambda-sweep/ (table, plot, answers).
+def select_lambda_command(
+    run: Path, grid: list[float], contrast_grid: list[float] | None, quiet: bool, **options
+) -> None:
+    """Negate RUN's task vector with every λ of --grid (and twin weight of --contrast-grid),
+    evaluate each on held-out samples, and rewrite RUN/model with the point that lowers harm
+    most while the normal-answer NLL, the similarity and the over-refusal rate stay within
+    bounds. Writes RUN/lambda-sweep/ (table, plot, answers).
 
-    Example: sku-fast select-lambda runs/sku --grid 0.5,1,2,4
+    Example: sku-fast select-lambda runs/sku --grid 0.5,1,2,4 --contrast-grid 0.5,1
     """
     from sku_fast.eval.select_lambda import SweepConfig, select_lambda
 
-    summary = select_lambda(
-        run, SweepConfig(grid=tuple(grid), **options), log=(lambda _: None) if quiet else click.echo
-    )
+    contrasts = tuple(contrast_grid) if contrast_grid else None
+    sweep = SweepConfig(grid=tuple(grid), contrasts=contrasts, **options)
+    summary = select_lambda(run, sweep, log=(lambda _: None) if quiet else click.echo)
     click.echo(f"{summary['reason']} ({run / 'lambda-sweep' / 'table.md'})")
     if summary["lambda"] is None:
         click.echo(f"{run / 'model'} is left as it was.")

@@ -161,36 +161,54 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]
 
 
 def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Harm (left) and utility (right) against λ, the original as a dashed line in each."""
+    """Harm (left) and utility (right) against λ, the original as a dashed line in each; a
+    sweep over the twin weight c draws one line per c (marker and label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    original, swept = rows[0], [r for r in rows[1:]]
-    lams = [r["lambda"] for r in swept]
+    original, swept = rows[0], rows[1:]
+    contrasts = sorted({r.get("contrast") for r in swept}, key=lambda c: -1 if c is None else c)
+    markers = "os^vDP*X"
     fig, (harm, utility) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, color in (("harmful_rate", "harmful", "C3"), ("refusal_rate", "refusal", "C2"),
-                              ("off_topic_rate", "off-topic", "C7"),
-                              ("degenerate_rate", "degenerate", "C4")):  # fmt: skip
-        harm.plot(lams, [100 * r[key] for r in swept], "o-", color=color, label=label)
-        harm.axhline(100 * original[key], color=color, ls="--", lw=0.8)
-    harm.set_ylabel("responses to harmful prompts, %")
-    harm.set_title("what negation bought (dashed: the original)")
     nll = utility.twinx()
-    utility.plot(lams, [r["similarity"] for r in swept], "o-", color="C0", label="similarity")
+    for i, contrast in enumerate(contrasts):
+        group = [r for r in swept if r.get("contrast") == contrast]
+        lams = [r["lambda"] for r in group]
+        style = markers[i % len(markers)] + "-"
+        tag = f" (c = {contrast:g})" if len(contrasts) > 1 else ""
+        for key, label, color in (("harmful_rate", "harmful", "C3"),
+                                  ("over_refusal_rate", "over-refusal", "C2"),
+                                  ("off_topic_rate", "off-topic", "C7"),
+                                  ("degenerate_rate", "degenerate", "C4")):  # fmt: skip
+            if key in original:
+                harm.plot(lams, [100 * r[key] for r in group], style, color=color,
+                          label=label + tag)  # fmt: skip
+        utility.plot(lams, [r["similarity"] for r in group], style, color="C0",
+                     label="similarity" + tag)  # fmt: skip
+        nll.plot(lams, [r["normal_nll"] for r in group], style, color="C1", alpha=0.7,
+                 label="normal NLL" + tag)  # fmt: skip
+    for key, color in (("harmful_rate", "C3"), ("over_refusal_rate", "C2"),
+                       ("off_topic_rate", "C7"), ("degenerate_rate", "C4")):  # fmt: skip
+        if key in original:
+            harm.axhline(100 * original[key], color=color, ls="--", lw=0.8)
+    harm.set_ylabel("answers, % (harmful prompts; over-refusal: harmless)")
+    harm.set_title("what negation bought (dashed: the original)")
     utility.axhline(original["similarity"], color="C0", ls="--", lw=0.8)
     utility.set_ylabel("similarity to the original (higher is better)", color="C0")
-    nll.plot(lams, [r["normal_nll"] for r in swept], "s-", color="C1", label="normal NLL")
     nll.axhline(original["normal_nll"], color="C1", ls="--", lw=0.8)
     nll.set_ylabel("normal-answer NLL (lower is better)", color="C1")
     utility.set_title("what it cost")
+    lams = sorted({r["lambda"] for r in swept})
     for ax in (harm, utility):
         ax.set_xscale("log", base=2)
         ax.set_xticks(lams, [f"{v:g}" for v in lams])
         ax.set_xlabel("λ")
         ax.grid(alpha=0.3)
-    harm.legend(fontsize=8)
+    harm.legend(fontsize=7)
+    if len(contrasts) > 1:
+        utility.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
