@@ -113,7 +113,10 @@ def _at_step(run: Path, step: int) -> Path:
         elif source.is_file():
             shutil.copy(source, out / name)
     summary = json.loads((run / "summary.json").read_text())
-    (out / "summary.json").write_text(json.dumps(summary | {"steps": step}, indent=2) + "\n")
+    # the run's time pro rata: the steps of one run cost about the same
+    seconds = summary["train_seconds"] * step / summary["steps"]
+    summary |= {"steps": step, "train_seconds": round(seconds, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     checkpoint = run / "checkpoints" / f"step-{step:07d}"
     _adapter_from_checkpoint(checkpoint, run / "stage1/adapter", out / "stage1/adapter")
     if (run / "stage1/safe-adapter").is_dir():
