@@ -25,7 +25,7 @@ _DATA = click.Path(exists=True, dir_okay=True, path_type=Path)
     type=float,
     default=0.10,
     show_default=True,
-    help="Acceptable rise of the over-refusal rate on harmless prompts (points/100).",
+    help="Acceptable rise of the over-refusal rate on harmless prompts (0.1: 10 points).",
 )
 @click.option(
     "--contrast-grid",
