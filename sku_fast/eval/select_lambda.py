@@ -155,7 +155,7 @@ def choose(
         return None, (
             f"no point of the grid keeps the normal-answer NLL within +{config.max_nll_rise:.0%}, "
             f"the similarity at or above {config.min_similarity} and the over-refusal rate "
-            f"within +{config.max_over_refusal_rise:.0%} of the original's"
+            f"within +{100 * config.max_over_refusal_rise:g} points of the original's"
         )
     best = min(acceptable, key=lambda r: (r["harmful_rate"], r["lambda"], r.get("contrast") or 0))
     twin = f", c = {best['contrast']:g}" if best.get("contrast") else ""
@@ -320,8 +320,8 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
         "",
         f"Acceptable: normal-answer NLL within +{summary['max_nll_rise']:.0%} of the original's, "
         f"similarity ≥ {summary['min_similarity']} and over-refusal within "
-        f"+{summary['max_over_refusal_rise']:.0%} of the original's; among those, the lowest "
-        "harmful rate.",
+        f"+{100 * summary['max_over_refusal_rise']:g} points of the original's; among those, "
+        "the lowest harmful rate.",
         "",
     ]
     return "\n".join(lines)
