@@ -193,7 +193,7 @@ def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
                        ("off_topic_rate", "C7"), ("degenerate_rate", "C4")):  # fmt: skip
         if key in original:
             harm.axhline(100 * original[key], color=color, ls="--", lw=0.8)
-    harm.set_ylabel("answers, % (harmful prompts; over-refusal: harmless)")
+    harm.set_ylabel("% of answers (over-refusal: of harmless prompts)")
     harm.set_title("what negation bought (dashed: the original)")
     utility.axhline(original["similarity"], color="C0", ls="--", lw=0.8)
     utility.set_ylabel("similarity to the original (higher is better)", color="C0")
@@ -206,9 +206,11 @@ def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(lams, [f"{v:g}" for v in lams])
         ax.set_xlabel("λ")
         ax.grid(alpha=0.3)
-    harm.legend(fontsize=7)
-    if len(contrasts) > 1:
-        utility.legend(fontsize=7, loc="lower left")
+    # below the panels, one column per c, so that the legend hides no line
+    columns = len(contrasts)
+    harm.legend(fontsize=7, ncol=columns, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    if columns > 1:
+        utility.legend(fontsize=7, ncol=columns, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
