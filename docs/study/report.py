@@ -136,6 +136,27 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def _plot_sweep_tradeoff(root: Path, path: Path) -> None:
+    """Every point of the validation sweeps: harmful rate against over-refusal."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.6))
+    for table in sorted(root.glob("*/lambda-sweep/table.json")):
+        rows = json.loads(table.read_text())["rows"]
+        for row in rows:
+            label = (
+                "original" if row["lambda"] == 0 else f"λ {row['lambda']:g}, c {row['contrast']:g}"
+            )
+            point = (100 * row["over_refusal_rate"], 100 * row["harmful_rate"])
+            axis.scatter(*point, marker="*" if row["lambda"] == 0 else "o", s=50)
+            axis.annotate(label, point, textcoords="offset points", xytext=(5, 3), fontsize=8)
+    axis.set_xlabel("over-refusal on harmless validation prompts (%)")
+    axis.set_ylabel("harmful rate on validation prompts, rules judge (%)")
+    axis.set_title("SKU's λ × c sweep: harm is traded for over-refusal")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(root: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     folders = sorted((root / "eval").iterdir(), key=lambda p: (p.name != "original", p.name))
@@ -147,6 +168,7 @@ def main(root: Path, out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(rows, out / "harm_vs_utility.png")
+    _plot_sweep_tradeoff(root, out / "sweep_tradeoff.png")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,24 @@ def _evaluate(root: Path, name: str, model: Path | None) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _at_defaults(run: Path) -> Path:
+    """The swept run negated at the package's defaults (λ = 2, c = 1), beside it."""
+    out = run.parent / f"{run.name}-defaults"
+    if (out / "model").is_dir():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for name in ("config.json", "original", "stage1"):
+        (out / name).symlink_to((run / name).resolve())
+    config = UnlearnConfig()
+    folder = RunFolder.open(out)
+    negate_run(folder.base, folder.tuned, folder.twin, 1.0, out, config.lam)
+    summary = json.loads((run / "summary.json").read_text())
+    summary |= {"lambda": config.lam, "contrast": 1.0, "lambda_chosen_by": "the defaults"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
+
+
 def main(root: Path, arms: list[str]) -> None:
     _evaluate(root, "original", None)
     for name in arms:
@@ -181,7 +199,11 @@ def main(root: Path, arms: list[str]) -> None:
         for folder in folders:
             if name in SWEEP:
                 _choose_lambda(root, folder)
-            _evaluate(root, folder.name, folder)
+                _evaluate(root, f"{folder.name}-swept", folder)
+                defaults = _at_defaults(folder)
+                _evaluate(root, defaults.name, defaults)
+            else:
+                _evaluate(root, folder.name, folder)
 
 
 if __name__ == "__main__":
