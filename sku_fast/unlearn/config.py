@@ -28,7 +28,7 @@ DEFAULT_EPSILON = {
 }
 # (method, lora) -> learning rate. The baseline as published is full fine-tuning at 2e-6; with
 # LoRA that rate does not move the adapter at all, so LoRA gets the rate measured to move the
-# model about as much (docs/study.md, "A faithful baseline").
+# model about as much (docs/study.md, §2.1 "A faithful baseline").
 DEFAULT_LR = {("sku", True): 2e-4, ("sku", False): 2e-4, ("ga", False): 2e-6, ("ga", True): 2e-4}
 DEFAULT_LORA = {"sku": True, "ga": False}
 PRESERVATIONS = ("diverge", "keep")
