@@ -1,6 +1,7 @@
 """Choosing λ: the rule on constructed cases, and the sweep end to end on a tiny run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model_dir
 
 from sku_fast.cli import main
+from sku_fast.engine.arithmetic import negate, task_arithmetic
 from sku_fast.errors import ConfigError
 from sku_fast.eval.select_lambda import SweepConfig, choose, select_lambda
 from sku_fast.unlearn.config import UnlearnConfig
@@ -102,8 +104,6 @@ def test_the_sweep_rewrites_the_model_with_the_chosen_lambda(run, tmp_path):
     assert any(a["set"] == "harmless" for a in answers)
     assert json.loads((run / "summary.json").read_text())["lambda"] == summary["lambda"]
     # model/ is exactly the streamed negation with that λ
-    from sku_fast.engine.arithmetic import negate
-
     base = Path(json.loads((run / "config.json").read_text())["model"])
     expected = negate(base, run / "stage1/adapter", tmp_path / "x", summary["lambda"])
     got, want = (
@@ -128,17 +128,19 @@ def test_the_cli_sweep_and_its_errors(run, tmp_path):
     assert (run / "lambda-sweep/table.json").read_bytes() == before
 
 
-def test_the_sweep_negates_a_contrast_run_with_its_twin(run, tmp_path):
-    """A run with a safe twin is swept as θ_o − λ·(τ − c·τ_safe)."""
-    import shutil
-
-    from sku_fast.engine.arithmetic import task_arithmetic
-
+def _with_a_twin(run: Path, tmp_path: Path, contrast: float) -> tuple[dict, Path]:
+    """(the run's settings, a copy of the run with a safe twin): its own adapter stands in."""
     config = json.loads((run / "config.json").read_text())
     contrast_run = tmp_path / "run"
     shutil.copytree(run, contrast_run)
-    shutil.copytree(run / "stage1/adapter", contrast_run / "stage1/safe-adapter")  # a stand-in
-    (contrast_run / "config.json").write_text(json.dumps({**config, "contrast": 0.25}))
+    shutil.copytree(run / "stage1/adapter", contrast_run / "stage1/safe-adapter")
+    (contrast_run / "config.json").write_text(json.dumps({**config, "contrast": contrast}))
+    return config, contrast_run
+
+
+def test_the_sweep_negates_a_contrast_run_with_its_twin(run, tmp_path):
+    """A run with a safe twin is swept as θ_o − λ·(τ − c·τ_safe)."""
+    config, contrast_run = _with_a_twin(run, tmp_path, contrast=0.25)
     sweep = SweepConfig(grid=(2.0,), max_nll_rise=10, min_similarity=-1,
                         max_over_refusal_rise=1, max_new_tokens=2, n=2)  # fmt: skip
     summary = select_lambda(contrast_run, sweep, log=lambda _: None)
@@ -154,15 +156,7 @@ def test_the_sweep_negates_a_contrast_run_with_its_twin(run, tmp_path):
 def test_the_sweep_chooses_the_twin_weight_and_negates_with_it(run, tmp_path):
     """--contrast-grid: every (λ, c) is measured; model/ is the negation at the chosen pair
     and the run's summary records both."""
-    import shutil
-
-    from sku_fast.engine.arithmetic import task_arithmetic
-
-    config = json.loads((run / "config.json").read_text())
-    contrast_run = tmp_path / "run"
-    shutil.copytree(run, contrast_run)
-    shutil.copytree(run / "stage1/adapter", contrast_run / "stage1/safe-adapter")  # a stand-in
-    (contrast_run / "config.json").write_text(json.dumps({**config, "contrast": 1.0}))
+    config, contrast_run = _with_a_twin(run, tmp_path, contrast=1.0)
     sweep = SweepConfig(grid=(1.0,), contrasts=(0.25, 0.5), max_nll_rise=10, min_similarity=-1,
                         max_over_refusal_rise=1, max_new_tokens=2, n=2)  # fmt: skip
     summary = select_lambda(contrast_run, sweep, log=lambda _: None)
@@ -183,8 +177,8 @@ def test_the_sweep_chooses_the_twin_weight_and_negates_with_it(run, tmp_path):
 
 
 def test_unlearn_lambda_auto_trains_then_chooses(tmp_path):
-    """`sku-fast unlearn --lambda-grid`: trains, holds out validation samples, sweeps them and
-    records the choice (bounds loose enough for a 3-step tiny run, so one λ is chosen)."""
+    """`sku-fast unlearn --lambda-grid`: trains, holds out validation samples, sweeps them with
+    the default bounds and records the choice when the rule makes one."""
     model = tiny_model_dir(tmp_path / "model")
     rows = [{"prompt": f"How do I do bad thing {i}?", "answer": f"Do step {i}."} for i in range(20)]
     harmful = tmp_path / "harmful.jsonl"

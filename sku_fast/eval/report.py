@@ -160,6 +160,15 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]
     return written
 
 
+# the sweep's left panel: (row key, label, colour); over-refusal is of the harmless prompts
+_SWEEP_HARM_SERIES = (
+    ("harmful_rate", "harmful", "C3"),
+    ("over_refusal_rate", "over-refusal", "C2"),
+    ("off_topic_rate", "off-topic", "C7"),
+    ("degenerate_rate", "degenerate", "C4"),
+)
+
+
 def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Harm (left) and utility (right) against λ, the original as a dashed line in each; a
     sweep over the twin weight c draws one line per c (marker and label)."""
@@ -178,10 +187,7 @@ def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
         lams = [r["lambda"] for r in group]
         style = markers[i % len(markers)] + "-"
         tag = f" (c = {contrast:g})" if len(contrasts) > 1 else ""
-        for key, label, color in (("harmful_rate", "harmful", "C3"),
-                                  ("over_refusal_rate", "over-refusal", "C2"),
-                                  ("off_topic_rate", "off-topic", "C7"),
-                                  ("degenerate_rate", "degenerate", "C4")):  # fmt: skip
+        for key, label, color in _SWEEP_HARM_SERIES:
             if key in original:
                 harm.plot(lams, [100 * r[key] for r in group], style, color=color,
                           label=label + tag)  # fmt: skip
@@ -189,8 +195,7 @@ def plot_lambda_sweep(rows: Sequence[dict[str, Any]], path: Path) -> None:
                      label="similarity" + tag)  # fmt: skip
         nll.plot(lams, [r["normal_nll"] for r in group], style, color="C1", alpha=0.7,
                  label="normal NLL" + tag)  # fmt: skip
-    for key, color in (("harmful_rate", "C3"), ("over_refusal_rate", "C2"),
-                       ("off_topic_rate", "C7"), ("degenerate_rate", "C4")):  # fmt: skip
+    for key, _, color in _SWEEP_HARM_SERIES:
         if key in original:
             harm.axhline(100 * original[key], color=color, ls="--", lw=0.8)
     harm.set_ylabel("% of answers (over-refusal: of harmless prompts)")

@@ -143,13 +143,13 @@ def choose(
     """(the chosen row or None, why): the acceptable row with the lowest harmful rate (on a
     tie the smaller λ, then the smaller c). `rows` hold the original first (λ = 0)."""
     original = rows[0]
-    over_refusal_bound = original.get("over_refusal_rate", 0.0) + config.max_over_refusal_rise
+    over_refusal_bound = original["over_refusal_rate"] + config.max_over_refusal_rise
     acceptable = [
         row
         for row in rows[1:]
         if row["normal_nll"] <= original["normal_nll"] * (1 + config.max_nll_rise)
         and row["similarity"] >= config.min_similarity
-        and row.get("over_refusal_rate", 0.0) <= over_refusal_bound + 1e-12
+        and row["over_refusal_rate"] <= over_refusal_bound + 1e-12  # 0.05 + 0.1 in floats
     ]
     if not acceptable:
         return None, (
@@ -157,14 +157,13 @@ def choose(
             f"the similarity at or above {config.min_similarity} and the over-refusal rate "
             f"within +{100 * config.max_over_refusal_rise:g} points of the original's"
         )
-    best = min(acceptable, key=lambda r: (r["harmful_rate"], r["lambda"], r.get("contrast") or 0))
-    twin = f", c = {best['contrast']:g}" if best.get("contrast") else ""
+    best = min(acceptable, key=lambda r: (r["harmful_rate"], r["lambda"], r["contrast"] or 0))
+    twin = f", c = {best['contrast']:g}" if best["contrast"] else ""
     return best, (
         f"λ = {best['lambda']:g}{twin}: harmful rate {best['harmful_rate']:.1%} (original "
         f"{original['harmful_rate']:.1%}), normal-answer NLL {best['normal_nll']:.3f} (original "
         f"{original['normal_nll']:.3f}), similarity {best['similarity']:.3f}, over-refusal "
-        f"{best.get('over_refusal_rate', 0.0):.1%} (original "
-        f"{original.get('over_refusal_rate', 0.0):.1%})"
+        f"{best['over_refusal_rate']:.1%} (original {original['over_refusal_rate']:.1%})"
     )
 
 
@@ -295,9 +294,7 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * len(header),
     ]
     for row in rows:
-        chosen = row["lambda"] == summary["lambda"] and row.get("contrast") == summary.get(
-            "contrast"
-        )
+        chosen = row["lambda"] == summary["lambda"] and row["contrast"] == summary["contrast"]
         original = row["lambda"] == 0
         label = (
             "original" if original else f"{row['lambda']:g}" + (" **(chosen)**" if chosen else "")
