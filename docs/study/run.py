@@ -99,24 +99,29 @@ def _adapter_from_checkpoint(checkpoint: Path, like: Path, out: Path) -> None:
               out / "adapter_model.safetensors")  # fmt: skip
 
 
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fresh_sibling(run: Path, out: Path, shared: tuple[str, ...]) -> None:
+    """An empty run folder `out` beside `run` that links to `run`'s `shared` entries (a
+    half-made one from an interrupted study is replaced)."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for name in shared:
+        (out / name).symlink_to((run / name).resolve())
+
+
 def _at_step(run: Path, step: int) -> Path:
     """The run as it was at `step`, as a run folder of its own (LoRA runs only)."""
     out = run.parent / f"{run.name}@{step}"
     if (out / "model").is_dir():
         return out
-    shutil.rmtree(out, ignore_errors=True)  # a half-made one from an interrupted study
-    out.mkdir()
-    for name in ("config.json", "original", "summary.json"):
-        source = run / name
-        if source.is_dir():
-            (out / name).symlink_to(source.resolve())
-        elif source.is_file():
-            shutil.copy(source, out / name)
+    _fresh_sibling(run, out, ("config.json", "original"))
     summary = json.loads((run / "summary.json").read_text())
     # the run's time pro rata: the steps of one run cost about the same
     seconds = summary["train_seconds"] * step / summary["steps"]
-    summary |= {"steps": step, "train_seconds": round(seconds, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(out / "summary.json", summary | {"steps": step, "train_seconds": round(seconds, 1)})
     checkpoint = run / "checkpoints" / f"step-{step:07d}"
     _adapter_from_checkpoint(checkpoint, run / "stage1/adapter", out / "stage1/adapter")
     if (run / "stage1/safe-adapter").is_dir():
@@ -144,12 +149,11 @@ def _choose_lambda(root: Path, run: Path) -> None:
     print(f"[{run.name}] the rule accepted no point; the study's fallback: {reason}", flush=True)
     folder = RunFolder.open(run)
     negate_run(folder.base, folder.tuned, folder.twin, chosen["contrast"], run, chosen["lambda"])
-    summary |= {"fallback": reason}
-    (run / "lambda-sweep" / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(run / "lambda-sweep" / "table.json", summary | {"fallback": reason})
     record = json.loads((run / "summary.json").read_text())
     record |= {"lambda": chosen["lambda"], "contrast": chosen["contrast"],
                "lambda_chosen_by": "the study's fallback"}  # fmt: skip
-    (run / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(run / "summary.json", record)
 
 
 _original: list[Reference] = []  # loaded once: its answer likelihoods and answers are reused
@@ -170,7 +174,7 @@ def _evaluate(root: Path, name: str, model: Path | None) -> None:
     summary = model / "summary.json" if model is not None else None
     if summary is not None and summary.is_file():
         results["run"] = json.loads(summary.read_text())
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(out / "results.json", results)
 
 
 def _at_defaults(run: Path) -> Path:
@@ -178,16 +182,13 @@ def _at_defaults(run: Path) -> Path:
     out = run.parent / f"{run.name}-defaults"
     if (out / "model").is_dir():
         return out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    for name in ("config.json", "original", "stage1"):
-        (out / name).symlink_to((run / name).resolve())
+    _fresh_sibling(run, out, ("config.json", "original", "stage1"))
     config = UnlearnConfig()
     folder = RunFolder.open(out)
     negate_run(folder.base, folder.tuned, folder.twin, 1.0, out, config.lam)
     summary = json.loads((run / "summary.json").read_text())
-    summary |= {"lambda": config.lam, "contrast": 1.0, "lambda_chosen_by": "the defaults"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    defaults = {"lambda": config.lam, "contrast": 1.0, "lambda_chosen_by": "the defaults"}
+    _write_json(out / "summary.json", summary | defaults)
     return out
 
 
