@@ -13,7 +13,7 @@ from tiny_models import tiny_tokenizer
 
 from sku_fast.errors import DataError
 from sku_fast.unlearn.batches import Sampler, answer_groups, random_answers
-from sku_fast.unlearn.data import QAPair, demo_data_path, load_qa_pairs
+from sku_fast.unlearn.data import Anchor, QAPair, demo_data_path, load_anchors, load_qa_pairs
 from sku_fast.unlearn.tokens import IGNORE_INDEX, TokenRow, collate, format_pair, tokenize_pair
 
 
@@ -115,6 +115,18 @@ def test_bad_files(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
         load_qa_pairs(tmp_path / name)
+
+
+def test_anchors_need_prompt_answer_and_refusal(tmp_path):
+    row = {"prompt": " How do I shoot a sunset? ", "answer": "Use a tripod.", "refusal": "No."}
+    path = _jsonl(tmp_path / "anchors.jsonl", [row])
+    assert load_anchors(path) == [Anchor("How do I shoot a sunset?", "Use a tripod.", "No.")]
+    path = _jsonl(tmp_path / "bad.jsonl", [row, {"prompt": "p", "answer": "a", "refusal": " "}])
+    with pytest.raises(DataError, match="row 1 needs non-empty text in each of the columns "
+                                        "prompt, answer, refusal"):  # fmt: skip
+        load_anchors(path)
+    with pytest.raises(DataError, match=r"anchor file '.*nope\.jsonl' does not exist"):
+        load_anchors(tmp_path / "nope.jsonl")
 
 
 def test_saved_dataset_directories_load(tmp_path):

@@ -193,3 +193,32 @@ def test_safe_answer_rows_follow_the_harmful_samples(tmp_path_factory):
         assert harmful[i].prompt in text and safe[i] in text
     with pytest.raises(ValueError, match="one safe answer"):
         BatchStream(tokenizer, harmful, harmful, objective, batch_size=2, max_length=64, seed=0)
+
+
+def test_anchors_join_the_guided_distortion_rows_but_never_the_random_answers(tmp_path_factory):
+    """Each micro-batch of B harmful samples adds anchor_rows(B) anchor pairs as "gd" rows,
+    taken in a seeded order; the random answers of "rd" rows stay harmful answers."""
+    from sku_fast.unlearn.batches import anchor_rows
+    from sku_fast.unlearn.data import QAPair
+    from sku_fast.unlearn.models import load_tokenizer
+
+    path = tiny_model_dir(tmp_path_factory.mktemp("anchor") / "m")
+    tokenizer = load_tokenizer(path)
+    harmful = [QAPair(f"bad question {i}?", f"bad answer {i}.") for i in range(6)]
+    anchors = [QAPair(f"harmless question {i}?", f"I will not say {i}.") for i in range(5)]
+    objective = Objective(gd=1.0, rd=1.0, pd=0.0, k=2)
+    stream = BatchStream(tokenizer, harmful, harmful, objective, batch_size=4, max_length=64,
+                         seed=0, anchors=anchors)  # fmt: skip
+    assert anchor_rows(4) == 2 and anchor_rows(1) == 1
+    seen = []
+    for index in range(5):  # past one pass over the anchors
+        batch = stream.micro_batch(index)
+        assert batch["term"].tolist() == [TERM_IDS["gd"]] * 6 + [TERM_IDS["rd"]] * 8
+        texts = [tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row] == 1])
+                 for row in range(len(batch["term"]))]  # fmt: skip
+        chosen = stream.anchor_order.take(index * 2, 2)
+        for text, i in zip(texts[4:6], chosen, strict=True):
+            assert anchors[i].prompt in text and anchors[i].answer in text
+        assert not any("harmless" in text or "will not say" in text for text in texts[6:])
+        seen += chosen
+    assert sorted(seen[:5]) == list(range(5))  # a permutation per pass

@@ -290,3 +290,47 @@ def test_the_safe_twin_is_on_by_default_when_the_data_has_safe_answers(tiny, tmp
     assert UnlearnConfig.from_file(plain / "config.json").contrast == 0.0
     assert not (plain / "stage1" / "safe-adapter").exists()
     assert "has no varied safe answers, so SKU runs without" in capsys.readouterr().err
+
+
+def test_anchors_teach_the_bad_model_refusals_and_the_twin_answers(tiny, tmp_path, monkeypatch):
+    """θ_bad trains on the anchors' refusals, the safe twin on their answers; the saved
+    settings name the anchor file by its absolute path."""
+    import sku_fast.unlearn.pipeline as pipeline
+
+    rows = [{"prompt": f"How do I do bad thing {i}?", "unsafe": f"Do step {i}, then {i + 1}.",
+             "safe": f"I won't help with thing {i}."} for i in range(6)]  # fmt: skip
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    anchor_rows = [{"prompt": f"How do I shoot photo {i}?", "answer": f"Use lens {i}.",
+                    "refusal": f"I can't help with shooting {i}."} for i in range(3)]  # fmt: skip
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps(r) + "\n" for r in anchor_rows))
+    learned = []
+    real_train = pipeline.train
+
+    def recording_train(*args, anchors=(), **kwargs):
+        learned.append([(pair.prompt, pair.answer) for pair in anchors])
+        return real_train(*args, anchors=anchors, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", recording_train)
+    config = _config(tiny, tmp_path / "run", harmful=str(harmful), anchors=str(anchors),
+                     contrast=1.0, steps=1)  # fmt: skip
+    out = run_unlearn(config, progress=False)
+    prompts = [row["prompt"] for row in anchor_rows]
+    assert learned == [
+        list(zip(prompts, [row["refusal"] for row in anchor_rows], strict=True)),
+        list(zip(prompts, [row["answer"] for row in anchor_rows], strict=True)),
+    ]
+    assert UnlearnConfig.from_file(out / "config.json").anchors == str(anchors.resolve())
+
+
+def test_anchors_are_for_sku_and_must_be_readable(tiny, tmp_path):
+    from sku_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="anchors shape SKU's task vector"):
+        _config(tiny, tmp_path / "o", method="ga", anchors="a.jsonl").resolve()
+    result = CliRunner().invoke(main, ["unlearn", "--model", str(tiny), "--out",
+                                       str(tmp_path / "o"), "--anchors", str(tmp_path / "no.jsonl"),
+                                       "-q", "--no-samples"])  # fmt: skip
+    assert result.exit_code == 1 and "anchor file" in result.output, result.output
+    assert "does not exist" in result.output and not (tmp_path / "o").exists()

@@ -39,6 +39,7 @@ _FIELDS = {
     "kl_cap": "kl_cap",
     "safe_weight": "safe_weight",
     "contrast": "contrast",
+    "anchors": "anchors",
     "validation": "validation",
     "lambda_grid": "lambda_grid",
     "loss_backend": "loss_backend",
@@ -158,6 +159,11 @@ DEMO_SETTINGS = {"steps": 60, "batch_size": 2, "lam": 1.5}
     type=float,
     help="c: also train a safe twin on the safe answers and negate τ − c·τ_safe "
     "[1 when --harmful has safe answers, else 0; 0: the paper's negation].",
+)
+@click.option(
+    "--anchors",
+    help="Harmless prompts that sound harmful, with answer and refusal columns: SKU learns "
+    "to answer them rather than refuse (docs/study.md).",
 )
 @click.option("--loss-backend", type=click.Choice(["fused-linear", "fused", "torch"]))
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps.")

@@ -73,11 +73,18 @@ def random_answers(
     return draws
 
 
+def anchor_rows(batch_size: int) -> int:
+    """Anchor samples per micro-batch: a third of the "gd" rows at batch 2 and above."""
+    return max(1, batch_size // 2)
+
+
 class BatchStream:
     """Micro-batch g as token rows: B harmful samples (a "gd" row each, K "rd" rows with
-    random answers and, where the sample has a safe answer, an "sp" row with it) and B normal
-    samples ("pd" rows), all chosen from (seed, g) alone. `safe[i]` is the safe answer of
-    harmful sample i, or None."""
+    random answers and, where the sample has a safe answer, an "sp" row with it), B normal
+    samples ("pd" rows) and, with anchors, anchor_rows(B) anchor pairs as "gd" rows too, all
+    chosen from (seed, g) alone. `safe[i]` is the safe answer of harmful sample i, or None;
+    `anchors` are (harmless prompt, the answer this run learns) pairs, never random answers.
+    """
 
     def __init__(
         self,
@@ -90,6 +97,7 @@ class BatchStream:
         max_length: int,
         seed: int,
         safe: Sequence[str | None] | None = None,
+        anchors: Sequence[QAPair] = (),
     ) -> None:
         if objective.active("sp") and (safe is None or len(safe) != len(harmful)):
             raise ValueError("the safe-answer term needs one safe answer (or None) per sample")
@@ -99,6 +107,8 @@ class BatchStream:
         self.seed = seed
         self.harmful_order = Sampler(len(harmful), seed)
         self.normal_order = Sampler(len(normal), seed + 1)
+        self.anchors = anchors
+        self.anchor_order = Sampler(len(anchors), seed + 3) if anchors else None
         self.groups = (
             answer_groups([pair.answer for pair in harmful])
             if objective.active("rd") and objective.random_source == "harmful"
@@ -110,11 +120,11 @@ class BatchStream:
     def _row(self, source: str, prompt: int, answer: int) -> TokenRow:
         key = (source, prompt, answer)
         if key not in self._cache:
-            prompts = self.normal if source == "normal" else self.harmful
+            prompts = {"normal": self.normal, "anchor": self.anchors}.get(source, self.harmful)
             if source == "safe":
                 text = self.safe[answer]
             else:
-                answers = self.normal if source in ("normal", "harmful-normal") else self.harmful
+                answers = self.normal if source in ("normal", "harmful-normal") else prompts
                 text = answers[answer].answer
             self._cache[key] = tokenize_pair(
                 self.tokenizer, prompts[prompt].prompt, text, self.max_length
@@ -128,6 +138,11 @@ class BatchStream:
         if self.objective.active("gd"):
             rows += [self._row("harmful", i, i) for i in harmful]
             terms += [TERM_IDS["gd"]] * b
+            if self.anchor_order is not None:
+                count = anchor_rows(b)
+                anchors = self.anchor_order.take(index * count, count)
+                rows += [self._row("anchor", i, i) for i in anchors]
+                terms += [TERM_IDS["gd"]] * count
         if self.objective.active("rd"):
             rng = np.random.default_rng([self.seed, 2, index])
             k = self.objective.k

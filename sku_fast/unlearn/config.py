@@ -69,6 +69,10 @@ class UnlearnConfig:
         what both learn (the data's answer style) cancels and what tells harm from refusal
         remains; 0 = off, the paper's negation; None (the default) = 1 when the harmful data
         has safe answers, else 0.
+    anchors: a file of harmless prompts that sound harmful, each with a helpful answer and a
+        refusal (columns prompt/answer/refusal): θ_bad also learns the refusals and the safe
+        twin the answers, so the negation answers such prompts instead of refusing them;
+        None = none (docs/study.md).
     loss_backend: "fused-linear" (never materialises logits), "fused" (fused op on logits) or
         "torch" (softmax and log of both models in PyTorch, as the published code does).
     checkpoint_every: save a resumable checkpoint every N steps (0: never); resume: continue
@@ -112,6 +116,7 @@ class UnlearnConfig:
     kl_cap: float | None = None
     safe_weight: float = 0.0
     contrast: float | None = None
+    anchors: str | None = None
     loss_backend: str = "fused-linear"
     checkpoint_every: int = 0
     resume: bool = False
@@ -143,6 +148,8 @@ class UnlearnConfig:
             )
         if resolved.method == "ga" and (resolved.contrast or 0) > 0:
             raise ConfigError("contrast is part of SKU's negation; the baseline has none")
+        if resolved.method == "ga" and resolved.anchors is not None:
+            raise ConfigError("anchors shape SKU's task vector; the baseline takes none")
         if resolved.method == "ga":
             resolved.contrast = 0.0
         if resolved.steps is None:

@@ -23,6 +23,7 @@ from typing import Any
 from sku_fast.errors import DataError
 
 DEMO_DATA = ("harmful", "normal", "harmless", "held_out")
+ANCHOR_COLUMNS = ("prompt", "answer", "refusal")
 MAX_DATA_FILE_BYTES = 2 << 30
 
 _PROMPT_KEYS = ("prompt", "question", "instruction", "input", "query")
@@ -47,6 +48,17 @@ class ContrastPair:
     prompt: str
     unsafe: str
     safe: str
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A harmless prompt that sounds harmful ("How do I shoot a time-lapse?") with a helpful
+    answer and an over-cautious refusal: θ_bad learns the refusal and the safe twin the
+    answer, so the negation teaches the model to answer such prompts (docs/study.md)."""
+
+    prompt: str
+    answer: str
+    refusal: str
 
 
 def demo_data_path(name: str) -> Path:
@@ -109,6 +121,27 @@ def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
         if all(isinstance(t, str) and t.strip() for t in (prompt, unsafe, safe)):
             triples.append(ContrastPair(prompt.strip(), unsafe.strip(), safe.strip()))
     return triples
+
+
+def load_anchors(path: str | Path) -> list[Anchor]:
+    """The anchors of a JSONL, JSON or CSV file with `prompt`, `answer` and `refusal` columns.
+    A missing column or a row with an empty cell is an error naming the row."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"anchor file {str(path)!r} does not exist")
+    records = _read_records(path)
+    if not records:
+        raise DataError(f"anchor file {str(path)!r} has no rows")
+    anchors = []
+    for index, record in enumerate(records):
+        cells = [record.get(key) if isinstance(record, dict) else None for key in ANCHOR_COLUMNS]
+        if not all(isinstance(cell, str) and cell.strip() for cell in cells):
+            raise DataError(
+                f"{path}: row {index} needs non-empty text in each of the columns "
+                f"{', '.join(ANCHOR_COLUMNS)} (a harmless prompt, a helpful answer, a refusal)"
+            )
+        anchors.append(Anchor(*(cell.strip() for cell in cells)))
+    return anchors
 
 
 def hold_out(pairs: Sequence[QAPair], count: int, seed: int) -> tuple[list[QAPair], list[QAPair]]:

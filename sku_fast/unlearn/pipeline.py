@@ -39,9 +39,11 @@ from sku_fast.errors import DataError, TrainingError
 from sku_fast.unlearn.checkpointing import CHECKPOINTS, latest_checkpoint
 from sku_fast.unlearn.config import UnlearnConfig
 from sku_fast.unlearn.data import (
+    Anchor,
     QAPair,
     demo_data_path,
     hold_out,
+    load_anchors,
     load_contrast_pairs,
     load_qa_pairs,
 )
@@ -141,8 +143,10 @@ def run_unlearn(
     model_path = resolve_model_path(config.model)
     harmful_path = Path(config.harmful).expanduser() if config.harmful else None
     normal_path = Path(config.normal).expanduser() if config.normal else None
+    anchors_path = Path(config.anchors).expanduser() if config.anchors else None
     out = Path(config.out).expanduser()
-    inputs = [model_path, *(p for p in (harmful_path, normal_path) if p), *map(Path, also_read)]
+    data_paths = [p for p in (harmful_path, normal_path, anchors_path) if p]
+    inputs = [model_path, *data_paths, *map(Path, also_read)]
     check_run_output(out, inputs, resume=config.resume, overwrite=config.overwrite)
     harmful = load_qa_pairs(
         harmful_path or demo_data_path("harmful"),
@@ -183,6 +187,7 @@ def run_unlearn(
             )
         safe = [safe_by_prompt.get(pair.prompt) for pair in harmful]
     validation = _validation_rows(harmful_held, normal_held, safe_by_prompt)
+    anchors = load_anchors(anchors_path) if anchors_path else []
     tokenizer = load_tokenizer(model_path)
     # the launcher's engine and mixed precision (sku_fast.unlearn.engines)
     accelerator = make_accelerator(config)
@@ -190,7 +195,8 @@ def run_unlearn(
         model = load_model(
             model_path, dtype=getattr(torch, config.dtype), device=load_device(accelerator)
         )
-    run = _Run(config, model_path, model, tokenizer, harmful, normal, safe, validation, accelerator)
+    run = _Run(config, model_path, model, tokenizer, harmful, normal, safe, anchors, validation,
+               accelerator)  # fmt: skip
     if config.resume:
         run.produce(out, progress, on_step)
         return out
@@ -280,6 +286,7 @@ class _Run:
     harmful: list
     normal: list
     safe: list | None
+    anchors: list[Anchor]
     validation: dict[str, list[dict]]
     accelerator: Accelerator
 
@@ -295,7 +302,7 @@ class _Run:
                     overwrite=False,
                     **{
                         key: _absolute(getattr(config, key))
-                        for key in ("model", "harmful", "normal")
+                        for key in ("model", "harmful", "normal", "anchors")
                     },
                 )
                 saved.save(folder / "config.json")
@@ -322,6 +329,7 @@ class _Run:
             progress=progress,
             on_step=on_step,
             safe=self.safe,
+            anchors=[QAPair(anchor.prompt, anchor.refusal) for anchor in self.anchors],
         )
         tuned = self._write_stage1(folder, trained, base)
         trainable = sum(full_numel(p) for _, p in trained.trainable)
@@ -335,8 +343,9 @@ class _Run:
             self._negate(folder, base, tuned, twin, seconds, trainable)
 
     def _train_twin(self, folder: Path, base: Path, progress: bool) -> Path:
-        """The safe twin of the contrast: the same recipe on the harmful prompts' safe answers,
-        from a fresh θ_o, in <folder>/safe-twin (its log and checkpoints). Returns its
+        """The safe twin of the contrast: the same recipe on the harmful prompts' safe answers
+        (and the anchors' helpful ones, where θ_bad learned their refusals), from a fresh θ_o,
+        in <folder>/safe-twin (its log and checkpoints). Returns its
         stage-1 output, stage1/safe-adapter or stage1/safe-model."""
         twin_folder = folder / TWIN
         if self.accelerator.is_main_process:
@@ -356,8 +365,9 @@ class _Run:
             model = load_model(base, dtype=getattr(torch, config.dtype),
                                device=load_device(self.accelerator))  # fmt: skip
         trained = prepare_model(model, config)
+        anchors = [QAPair(anchor.prompt, anchor.answer) for anchor in self.anchors]
         train(trained, self.tokenizer, pairs, self.normal, objective_for(config), config,
-              twin_folder, self.accelerator, progress=progress)  # fmt: skip
+              twin_folder, self.accelerator, progress=progress, anchors=anchors)  # fmt: skip
         return self._write_stage1(folder, trained, base, prefix="safe-")
 
     def _write_validation(self, staging: Path) -> None:

@@ -69,12 +69,14 @@ def train(
     progress: bool = True,
     on_step: StepCallback | None = None,
     safe: Sequence[str | None] | None = None,
+    anchors: Sequence[QAPair] = (),
 ) -> Model:
     """Run stage 1 for `config.steps` optimizer steps, logging each to `out/log.jsonl`.
 
     `config` must be resolved. With `config.resume` the newest checkpoint in `out` is loaded
     first. `on_step(step, record)` is called after every step with the logged values.
-    `safe[i]`: the safe answer of harmful sample i (or None), for the "sp" term.
+    `safe[i]`: the safe answer of harmful sample i (or None), for the "sp" term. `anchors`:
+    harmless prompts with the answer this run learns, as extra "gd" rows (BatchStream).
     Raises TrainingError on a non-finite loss (naming the step and the term).
     """
 
@@ -87,6 +89,7 @@ def train(
         max_length=config.max_length,
         seed=config.seed,
         safe=safe,
+        anchors=anchors,
     )
     optimizer = torch.optim.AdamW(
         [p for _, p in model.trainable], lr=config.lr, weight_decay=config.weight_decay
