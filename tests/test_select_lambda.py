@@ -128,6 +128,20 @@ def test_the_cli_sweep_and_its_errors(run, tmp_path):
     assert (run / "lambda-sweep/table.json").read_bytes() == before
 
 
+def test_the_cli_says_whether_a_rejected_sweep_left_a_model(run, tmp_path, monkeypatch):
+    import sku_fast.eval.select_lambda as sweep_module
+
+    rejected = {"lambda": None, "reason": "no point of the grid keeps the NLL within +10%"}
+    monkeypatch.setattr(sweep_module, "select_lambda", lambda *args, **kwargs: rejected)
+    without_model = tmp_path / "fresh"
+    without_model.mkdir()
+    for folder, said in ((run, "is left as it was."), (without_model, "was written.")):
+        result = CliRunner().invoke(main, ["select-lambda", str(folder), "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines()[-1].endswith(said), result.output
+    assert "No " + str(without_model / "model") in result.output
+
+
 def _with_a_twin(run: Path, tmp_path: Path, contrast: float) -> tuple[dict, Path]:
     """(the run's settings, a copy of the run with a safe twin): its own adapter stands in."""
     config = json.loads((run / "config.json").read_text())

@@ -61,4 +61,5 @@ def select_lambda_command(
     summary = select_lambda(run, sweep, log=(lambda _: None) if quiet else click.echo)
     click.echo(f"{summary['reason']} ({run / 'lambda-sweep' / 'table.md'})")
     if summary["lambda"] is None:
-        click.echo(f"{run / 'model'} is left as it was.")
+        model = run / "model"
+        click.echo(f"{model} is left as it was." if model.is_dir() else f"No {model} was written.")

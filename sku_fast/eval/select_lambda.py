@@ -265,13 +265,14 @@ def select_lambda(
         contrast = chosen["contrast"] if twin else folder.config.contrast
         negate_run(folder.base, folder.tuned, folder.twin, contrast, folder.path,
                    chosen["lambda"])  # fmt: skip
-        _record_choice(folder.path / "summary.json", chosen["lambda"], chosen["contrast"])
+        record_choice(folder.path / "summary.json", chosen["lambda"], chosen["contrast"])
     return summary
 
 
-def _record_choice(path: Path, lam: float, contrast: float | None) -> None:
+def record_choice(path: Path, lam: float, contrast: float | None, chosen_by: str = SWEEP) -> None:
+    """Set λ (and c), and what chose them, in the run's summary.json, atomically."""
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    summary |= {"lambda": lam, "lambda_chosen_by": SWEEP}
+    summary |= {"lambda": lam, "lambda_chosen_by": chosen_by}
     if contrast is not None:
         summary["contrast"] = contrast
     text = json.dumps(summary, indent=2) + "\n"
