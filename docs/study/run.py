@@ -24,9 +24,16 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from sku_fast.engine.output import write_atomically
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_model
 from sku_fast.eval.generation import GenerationConfig
-from sku_fast.eval.select_lambda import RunFolder, SweepConfig, choose, select_lambda
+from sku_fast.eval.select_lambda import (
+    RunFolder,
+    SweepConfig,
+    choose,
+    record_choice,
+    select_lambda,
+)
 from sku_fast.unlearn.config import UnlearnConfig
 from sku_fast.unlearn.pipeline import TWIN, negate_run, run_unlearn
 
@@ -53,6 +60,9 @@ ARMS: dict[str, dict] = {
     # an SKU step does (three sets forward and backward, one reference forward), so 400 GA
     # steps take about SKU's time; the measured times are in the results
     "ga-lora-same-time": {"method": "ga", "lora": True, "steps": 400},
+    # the defaults with anchors: harmless prompts that sound harmful, refused by θ_bad and
+    # answered by the twin, so that the negation answers them (written for the study)
+    "sku-anchors": {"anchors": str(HERE / "anchors_train.jsonl")},
     "sku-paper": {
         "steps": 300,
         "preservation": "diverge",
@@ -68,10 +78,20 @@ ARMS: dict[str, dict] = {
         "lam": 1.0,
         "kl_cap": 0.3,
     },
+    # the guard over the paper's full 1000 steps: does the cap hold the KL that long?
+    "sku-paper-guard-1000": {
+        "steps": 1000,
+        "preservation": "diverge",
+        "contrast": 0.0,
+        "lam": 1.0,
+        "kl_cap": 0.3,
+        "checkpoint_every": 100,
+    },
     "ga-lora": {"method": "ga", "lora": True, "steps": 200},
     "ga": {"method": "ga", "steps": 200},
 }
-SWEEP = ("sku",)  # arms whose λ is chosen on the validation split
+# arms whose λ (over GRID) and twin weight c (over these) are chosen on the validation split
+SWEEP: dict[str, tuple[float, ...]] = {"sku": CONTRASTS, "sku-anchors": (1.0,)}
 CHECKPOINTS: dict[str, tuple[int, ...]] = {"sku-paper": (100,)}  # earlier points of a run
 
 
@@ -133,12 +153,12 @@ def _at_step(run: Path, step: int) -> Path:
     return out
 
 
-def _choose_lambda(root: Path, run: Path) -> None:
+def _choose_lambda(root: Path, run: Path, contrasts: tuple[float, ...]) -> None:
     if (run / "lambda-sweep" / "table.json").is_file():
         return
     print(f"[{run.name}] choosing λ and c on the validation split", flush=True)
     val = _data(root, "val")
-    sweep = SweepConfig(grid=GRID, contrasts=CONTRASTS, harmful=val["harmful"],
+    sweep = SweepConfig(grid=GRID, contrasts=contrasts, harmful=val["harmful"],
                         normal=val["normal"], **VALIDATION)  # fmt: skip
     summary = select_lambda(run, sweep)
     if summary["lambda"] is not None:
@@ -149,11 +169,11 @@ def _choose_lambda(root: Path, run: Path) -> None:
     print(f"[{run.name}] the rule accepted no point; the study's fallback: {reason}", flush=True)
     folder = RunFolder.open(run)
     negate_run(folder.base, folder.tuned, folder.twin, chosen["contrast"], run, chosen["lambda"])
-    _write_json(run / "lambda-sweep" / "table.json", summary | {"fallback": reason})
-    record = json.loads((run / "summary.json").read_text())
-    record |= {"lambda": chosen["lambda"], "contrast": chosen["contrast"],
-               "lambda_chosen_by": "the study's fallback"}  # fmt: skip
-    _write_json(run / "summary.json", record)
+    table = json.dumps(summary | {"fallback": reason}, indent=2) + "\n"
+    write_atomically(run / "lambda-sweep" / "table.json", lambda tmp: tmp.write_text(table),
+                     directory=False)  # fmt: skip
+    record_choice(run / "summary.json", chosen["lambda"], chosen["contrast"],
+                  chosen_by="the study's fallback")  # fmt: skip
 
 
 _original: list[Reference] = []  # loaded once: its answer likelihoods and answers are reused
@@ -199,10 +219,10 @@ def main(root: Path, arms: list[str]) -> None:
         folders = [run, *(_at_step(run, step) for step in CHECKPOINTS.get(name, ()))]
         for folder in folders:
             if name in SWEEP:
-                _choose_lambda(root, folder)
-                _evaluate(root, f"{folder.name}-swept", folder)
+                _choose_lambda(root, folder, SWEEP[name])
                 defaults = _at_defaults(folder)
                 _evaluate(root, defaults.name, defaults)
+                _evaluate(root, f"{folder.name}-swept", folder)
             else:
                 _evaluate(root, folder.name, folder)
 
