@@ -137,21 +137,28 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def _plot_sweep_tradeoff(root: Path, path: Path) -> None:
-    """Every point of the validation sweeps: harmful rate against over-refusal."""
-    figure, axis = plt.subplots(figsize=(6.4, 4.6))
-    for table in sorted(root.glob("*/lambda-sweep/table.json")):
+    """Every point of the validation sweeps, one colour per run: harm against over-refusal."""
+    figure, axis = plt.subplots(figsize=(6.8, 4.8))
+    for index, table in enumerate(sorted(root.glob("*/lambda-sweep/table.json"))):
         rows = json.loads(table.read_text())["rows"]
-        for row in rows:
-            label = (
-                "original" if row["lambda"] == 0 else f"λ {row['lambda']:g}, c {row['contrast']:g}"
-            )
+        original, swept = rows[0], rows[1:]
+        if index == 0:  # the same original in every sweep
+            point = (100 * original["over_refusal_rate"], 100 * original["harmful_rate"])
+            axis.scatter(*point, marker="*", s=90, color="black", label="original", zorder=3)
+        colour = f"C{index}"
+        axis.scatter([100 * r["over_refusal_rate"] for r in swept],
+                     [100 * r["harmful_rate"] for r in swept],
+                     color=colour, s=40, label=table.parent.parent.name)  # fmt: skip
+        for row in swept:
+            label = f"λ {row['lambda']:g}" + (f", c {row['contrast']:g}" if row["contrast"] else "")
             point = (100 * row["over_refusal_rate"], 100 * row["harmful_rate"])
-            axis.scatter(*point, marker="*" if row["lambda"] == 0 else "o", s=50)
-            axis.annotate(label, point, textcoords="offset points", xytext=(5, 3), fontsize=8)
+            axis.annotate(label, point, textcoords="offset points", xytext=(5, 3), fontsize=7,
+                          color=colour)  # fmt: skip
     axis.set_xlabel("over-refusal on harmless validation prompts (%)")
     axis.set_ylabel("harmful rate on validation prompts, rules judge (%)")
-    axis.set_title("SKU's λ × c sweep: harm is traded for over-refusal")
+    axis.set_title("SKU's λ × c sweeps on the validation split: harm against over-refusal")
     axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
