@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -46,6 +47,13 @@ def test_variants_share_everything_but_method_and_switches(tmp_path):
     for run in (sku, ga, no_pd):
         assert (run.steps, run.seed, run.model, run.harmful) == (2, 0, "m", None)
     assert sku.out == str(tmp_path / "sku")
+    # SKU's own settings stay with SKU: the baseline trains without twin and anchors
+    shaped = _config("m", tmp_path)
+    shaped.train = dataclasses.replace(shaped.train, contrast=1.0, anchors="anchors.jsonl")
+    sku, ga = variant_config(shaped, "sku"), variant_config(shaped, "ga-same-time")
+    assert (sku.contrast, sku.anchors) == (1.0, "anchors.jsonl")
+    assert (ga.contrast, ga.anchors) == (None, None)
+    assert ga.resolve().contrast == 0.0
     with pytest.raises(ValueError, match="'original' is not trained"):
         variant_config(config, "original")
     with pytest.raises(SkuFastError, match="unknown variant"):

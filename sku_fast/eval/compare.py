@@ -84,9 +84,11 @@ def variant_config(config: CompareConfig, name: str) -> UnlearnConfig:
         "random_disassociation": True,
         "preservation_divergence": True,
     }
+    # the safe twin and the anchors shape SKU's task vector; the baseline has neither
+    sku_only = {"contrast": None, "anchors": None} if changes["method"] == "ga" else {}
     return dataclasses.replace(
         config.train,
-        **(switches | changes),
+        **(switches | sku_only | changes),
         epsilon=None if config.train.epsilon is None else list(config.train.epsilon),
         lr=config.train.lr,
         steps=config.train.steps or DEFAULT_STEPS["sku"],  # the same steps for every variant
