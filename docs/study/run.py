@@ -218,10 +218,10 @@ def main(root: Path, arms: list[str]) -> None:
         run = _train(root, name)
         folders = [run, *(_at_step(run, step) for step in CHECKPOINTS.get(name, ()))]
         for folder in folders:
-            if name in SWEEP:
-                _choose_lambda(root, folder, SWEEP[name])
+            if name in SWEEP:  # the defaults first: they need no sweep
                 defaults = _at_defaults(folder)
                 _evaluate(root, defaults.name, defaults)
+                _choose_lambda(root, folder, SWEEP[name])
                 _evaluate(root, f"{folder.name}-swept", folder)
             else:
                 _evaluate(root, folder.name, folder)
