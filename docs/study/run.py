@@ -50,10 +50,10 @@ TEST = {"n": 150, "max_new_tokens": 48}  # the first 150 harmful and 120 normal 
 
 # The defaults this study chose (200 steps: keep, ε = (1, 1, 3), the safe twin), with λ chosen
 # on the validation split; the paper's SKU as a user would start it (ε = (2.5, 2.5, 1), the
-# diverging KL, no twin, λ = 1), stopped at 200 steps, before the runaway; and the
-# gradient-ascent baseline with LoRA (lr 2e-4) and as published (full fine-tuning, lr 2e-6).
-# All on the embedded SmolLM2, LoRA r=32 on q/v, batch 2. The runs are shorter than the
-# paper's 1000 steps: the study had about two hours of a 2-core CPU.
+# diverging KL, no twin, λ = 1) at 300 steps, into its runaway, and with the guard at 300 and
+# at the paper's 1000; and the gradient-ascent baseline with LoRA (lr 2e-4) and as published
+# (full fine-tuning, lr 2e-6). All on the embedded SmolLM2, LoRA r=32 on q/v, batch 2, on a
+# 2-core CPU.
 ARMS: dict[str, dict] = {
     "sku": {},
     # SKU trains two runs of 200 steps (θ_bad and its safe twin) and a GA step costs about what
