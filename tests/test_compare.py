@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 from tiny_models import smol_llama_dir
@@ -58,6 +59,25 @@ def test_variants_share_everything_but_method_and_switches(tmp_path):
         variant_config(config, "original")
     with pytest.raises(SkuFastError, match="unknown variant"):
         _config("m", tmp_path, variants=("sku", "rmu"))
+
+
+def test_a_finished_variant_is_reused_when_given_relative_paths(tmp_path, monkeypatch):
+    """run_unlearn saves data paths resolved; settings that name them relatively still match."""
+    from sku_fast.eval.compare import _finished
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "harmful.jsonl").write_text("")
+    run = variant_config(_config("m", tmp_path), "sku")
+    run = dataclasses.replace(run, harmful="harmful.jsonl")
+    out = Path(run.out)
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    saved = run.resolve().to_dict() | {"harmful": str(tmp_path / "harmful.jsonl"),
+                                       "model": str(tmp_path / "m")}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(saved))
+    assert _finished(run)
+    (out / "config.json").write_text(json.dumps(saved | {"steps": 3}))
+    assert not _finished(run)
 
 
 @pytest.mark.slow
