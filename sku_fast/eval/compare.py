@@ -106,10 +106,9 @@ def _finished(run: UnlearnConfig) -> bool:
         return False
     ignore = ("overwrite", "resume")
     saved = {k: v for k, v in json.loads(saved_file.read_text()).items() if k not in ignore}
-    wanted = {k: v for k, v in run.resolve().to_dict().items() if k not in ignore}
-    for key in ("model", "harmful", "normal", "anchors"):  # saved resolved (run_unlearn)
-        if wanted[key] is not None:
-            wanted[key] = str(Path(wanted[key]).expanduser().resolve())
+    # run_unlearn saves the paths resolved
+    wanted = run.resolve().with_absolute_paths().to_dict()
+    wanted = {k: v for k, v in wanted.items() if k not in ignore}
     if wanted["contrast"] is None:  # left to the data: whatever the run decided
         wanted["contrast"] = saved.get("contrast")
     return saved == wanted

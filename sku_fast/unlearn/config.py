@@ -31,6 +31,7 @@ DEFAULT_EPSILON = {
 # model about as much (docs/study.md, §2.1 "A faithful baseline").
 DEFAULT_LR = {("sku", True): 2e-4, ("sku", False): 2e-4, ("ga", False): 2e-6, ("ga", True): 2e-4}
 DEFAULT_LORA = {"sku": True, "ga": False}
+PATH_FIELDS = ("model", "harmful", "normal", "anchors")  # the settings that name input files
 PRESERVATIONS = ("diverge", "keep")
 DEFAULT_PRESERVATION = {"sku": "keep", "ga": "keep"}
 DEFAULT_STEPS = {"sku": 200, "ga": 1000}  # SKU: measured in docs/study.md; GA: as published
@@ -195,6 +196,15 @@ class UnlearnConfig:
                 "harmful term to train on"
             )
         return resolved
+
+    def with_absolute_paths(self) -> UnlearnConfig:
+        """A copy whose model and data paths are resolved, as a run saves them, so that the run
+        folder can be repeated or resumed from anywhere."""
+        return dataclasses.replace(self, **{
+            name: None if getattr(self, name) is None
+            else str(Path(getattr(self, name)).expanduser().resolve())
+            for name in PATH_FIELDS
+        })  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

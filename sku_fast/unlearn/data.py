@@ -78,12 +78,7 @@ def load_qa_pairs(
     and `answer_column` override the detection. Rows with an empty prompt or answer are
     dropped; an empty result is an error.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    records = _read_records(path)
-    if not records:
-        raise DataError(f"data file {str(path)!r} has no rows")
+    path, records = _existing_records(path, "data file")
     pairs: list[QAPair] = []
     extract = _extractor(records[0], path, prompt_column, answer_column)
     for index, record in enumerate(records):
@@ -104,10 +99,7 @@ def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
     """(prompt, unsafe, safe) triples of a harmful data set that has both kinds of answer:
     `prompt`/`unsafe`/`safe` columns (BeaverTails-style) or PKU-SafeRLHF rows with one safe
     and one unsafe response. Other layouts give an empty list (the set has no safe answers)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    records = _read_records(path)
+    path, records = _existing_records(path, "data file", empty_ok=True)
     triples = []
     for record in records:
         if not isinstance(record, dict):
@@ -126,12 +118,7 @@ def load_contrast_pairs(path: str | Path) -> list[ContrastPair]:
 def load_anchors(path: str | Path) -> list[Anchor]:
     """The anchors of a JSONL, JSON or CSV file with `prompt`, `answer` and `refusal` columns.
     A missing column or a row with an empty cell is an error naming the row."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"anchor file {str(path)!r} does not exist")
-    records = _read_records(path)
-    if not records:
-        raise DataError(f"anchor file {str(path)!r} has no rows")
+    path, records = _existing_records(path, "anchor file")
     anchors = []
     for index, record in enumerate(records):
         cells = [record.get(key) if isinstance(record, dict) else None for key in ANCHOR_COLUMNS]
@@ -158,6 +145,20 @@ def hold_out(pairs: Sequence[QAPair], count: int, seed: int) -> tuple[list[QAPai
         [p for i, p in enumerate(pairs) if i not in held],
         [p for i, p in enumerate(pairs) if i in held],
     )
+
+
+def _existing_records(
+    path: str | Path, kind: str, *, empty_ok: bool = False
+) -> tuple[Path, list[Any]]:
+    """(the path, its rows); a missing file, or one without rows unless `empty_ok`, is a
+    DataError naming the `kind` of file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{kind} {str(path)!r} does not exist")
+    records = _read_records(path)
+    if not records and not empty_ok:
+        raise DataError(f"{kind} {str(path)!r} has no rows")
+    return path, records
 
 
 def _read_records(path: Path) -> list[Any]:

@@ -71,11 +71,6 @@ VALIDATION = "validation"
 TWIN = "safe-twin"  # the contrast's second stage-1 run: its log and checkpoints
 
 
-def _absolute(path: str | None) -> str | None:
-    """Paths are saved resolved, so the run folder can be repeated or resumed from anywhere."""
-    return None if path is None else str(Path(path).expanduser().resolve())
-
-
 def _has_safetensors(path: Path) -> bool:
     return path.is_dir() and (
         (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
@@ -297,13 +292,7 @@ class _Run:
             if not config.resume:
                 # saved as a fresh run: `--config <out>/config.json` repeats it from the start
                 saved = dataclasses.replace(
-                    config,
-                    resume=False,
-                    overwrite=False,
-                    **{
-                        key: _absolute(getattr(config, key))
-                        for key in ("model", "harmful", "normal", "anchors")
-                    },
+                    config.with_absolute_paths(), resume=False, overwrite=False
                 )
                 saved.save(folder / "config.json")
                 if self.validation:
