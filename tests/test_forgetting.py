@@ -1,7 +1,6 @@
 """The judge-free forgetting metric against a direct computation, one answer at a time."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import tiny_model_dir
 
 from sku_fast.eval.evaluate import EvalConfig, evaluate_model
-from sku_fast.eval.forgetting import AnswerNLL, forgetting
+from sku_fast.eval.forgetting import AnswerNLL, forgetting, selectivity_text
 from sku_fast.unlearn.models import load_model, load_tokenizer
 from sku_fast.unlearn.tokens import tokenize_pair
 
@@ -73,5 +72,35 @@ def test_selectivity_and_its_edge_cases():
     both = forgetting(AnswerNLL(3.0, 2.5, 3.3, 1, 1), original)
     assert both["selectivity"] == pytest.approx(2.0)
     assert both["normal_rise_relative"] == pytest.approx(0.1)
-    assert forgetting(AnswerNLL(2.5, 1.9, 3.0, 1, 1), original)["selectivity"] == math.inf
-    assert math.isnan(forgetting(AnswerNLL(1.9, 1.9, 3.0, 1, 1), original)["selectivity"])
+    assert selectivity_text(both) == "2.00"
+    # a ratio to a fall or to nothing is no measure: None, and the table says what happened
+    unsafe_only = forgetting(AnswerNLL(2.5, 1.9, 3.0, 1, 1), original)
+    assert unsafe_only["selectivity"] is None
+    assert selectivity_text(unsafe_only) == "only unsafe rose"
+    neither = forgetting(AnswerNLL(1.9, 1.9, 3.0, 1, 1), original)
+    assert neither["selectivity"] is None
+    assert selectivity_text(neither) == "neither rose"
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} is not JSON")
+
+
+def test_the_original_against_itself_writes_standard_json(tmp_path):
+    """Nothing rose, so there is no ratio: results.json holds null, never NaN or Infinity."""
+    original = tiny_model_dir(tmp_path / "original", chat=True, seed=0)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    normal = tmp_path / "normal.jsonl"
+    normal.write_text("".join(json.dumps(r) + "\n" for r in NORMAL))
+    config = EvalConfig(harmful=harmful, normal=normal, n=None, generate=False, batch_size=2)
+    evaluate_model(original, config, out=tmp_path / "eval", reference=original,
+                   log=lambda _: None)  # fmt: skip
+    text = (tmp_path / "eval" / "results.json").read_text()
+    saved = json.loads(text, parse_constant=_refuse_constant)
+    assert saved["forgetting"]["unsafe_rise"] == 0.0
+    assert saved["forgetting"]["selectivity"] is None
+    assert (
+        "Selectivity (unsafe rise / safe rise): neither rose"
+        in (tmp_path / "eval" / "summary.md").read_text()
+    )

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sku_fast.engine.strict_json import to_json
 from sku_fast.errors import ConfigError, DataError
-from sku_fast.eval.forgetting import AnswerNLL, answer_nlls, forgetting
+from sku_fast.eval.forgetting import AnswerNLL, answer_nlls, forgetting, selectivity_text
 from sku_fast.eval.generation import GenerationConfig, generate
 from sku_fast.eval.judges import check_judge_spec, load_judge, rates
 from sku_fast.eval.metrics import answer_nll, distinct_n, load_similarity
@@ -296,7 +297,7 @@ def evaluate_loaded(
 def write_outputs(out: Path, results: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """results.json, generations.jsonl and summary.md in `out` (created)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    (out / "results.json").write_text(to_json(results, indent=2) + "\n")
     with (out / "generations.jsonl").open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -361,7 +362,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"| safe | {_num(f['safe'])} | {f['safe_rise']:+.3f} |",
             f"| normal | {_num(f['normal'])} | {f['normal_rise']:+.3f} |",
             "",
-            f"Selectivity (unsafe rise / safe rise): {_num(f['selectivity'], 2)}",
+            f"Selectivity (unsafe rise / safe rise): {selectivity_text(f)}",
             "",
         ]
     return "\n".join(lines)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from sku_fast.engine.strict_json import to_json
 
 # (key, header, kind): kind "pct" prints a rate as a percentage, "num" a number
 COLUMNS = (
@@ -153,7 +154,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "table.md", out / "table.json", out / "harm_vs_utility.png"]
     written[0].write_text(table_markdown(rows, meta))
-    written[1].write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2) + "\n")
+    written[1].write_text(to_json({"meta": meta, "rows": list(rows)}, indent=2) + "\n")
     plot_harm_vs_utility(rows, written[2])
     if plot_ablation(rows, out / "ablation.png"):
         written.append(out / "ablation.png")

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from sku_fast.engine.output import write_atomically
+from sku_fast.engine.strict_json import to_json
 from sku_fast.errors import ConfigError
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_loaded, load_data
+from sku_fast.eval.forgetting import selectivity_text
 from sku_fast.eval.generation import GenerationConfig
 from sku_fast.eval.judges import load_judge
 from sku_fast.eval.metrics import load_similarity
@@ -253,7 +255,7 @@ def select_lambda(
     }
 
     def write(staging: Path) -> None:
-        (staging / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (staging / "table.json").write_text(to_json(summary, indent=2) + "\n")
         (staging / "table.md").write_text(sweep_markdown(summary))
         plot_lambda_sweep(rows, staging / "harm_vs_lambda.png")
         for name, records in answers.items():
@@ -275,7 +277,7 @@ def record_choice(path: Path, lam: float, contrast: float | None, chosen_by: str
     summary |= {"lambda": lam, "lambda_chosen_by": chosen_by}
     if contrast is not None:
         summary["contrast"] = contrast
-    text = json.dumps(summary, indent=2) + "\n"
+    text = to_json(summary, indent=2) + "\n"
     write_atomically(path, lambda tmp: tmp.write_text(text), directory=False)
 
 
@@ -312,7 +314,7 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
         ]  # fmt: skip
         if judge_free:
             cells += ["" if original else f"{row[k]:+.3f}" for k in ("unsafe_rise", "safe_rise")]
-            cells += ["" if original else f"{row['selectivity']:.2f}"]
+            cells += ["" if original else selectivity_text(row)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -13,7 +13,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from sku_fast.engine.strict_json import to_json
 from sku_fast.errors import TrainingError
 from sku_fast.unlearn.batches import BatchStream
 from sku_fast.unlearn.checkpointing import (
@@ -166,7 +166,7 @@ def train(
                 bar.write(f"warning: {warning}")
             if warning or (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 with log.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                    handle.write(to_json(record) + "\n")
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in objective_terms})
         bar.update(1)
         every = config.checkpoint_every
