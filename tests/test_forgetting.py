@@ -40,14 +40,19 @@ def _direct_nll(loaded, prompts, answers) -> float:
     return total / count
 
 
-def test_the_metric_matches_a_direct_computation(tmp_path):
-    original = tiny_model_dir(tmp_path / "original", chat=True, seed=0)
-    unlearned = tiny_model_dir(tmp_path / "unlearned", chat=True, seed=1)
+def _likelihoods_only(tmp_path) -> EvalConfig:
+    """An evaluation of ROWS and NORMAL, written to files, that measures only answer NLLs."""
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     normal = tmp_path / "normal.jsonl"
     normal.write_text("".join(json.dumps(r) + "\n" for r in NORMAL))
-    config = EvalConfig(harmful=harmful, normal=normal, n=None, generate=False, batch_size=2)
+    return EvalConfig(harmful=harmful, normal=normal, n=None, generate=False, batch_size=2)
+
+
+def test_the_metric_matches_a_direct_computation(tmp_path):
+    original = tiny_model_dir(tmp_path / "original", chat=True, seed=0)
+    unlearned = tiny_model_dir(tmp_path / "unlearned", chat=True, seed=1)
+    config = _likelihoods_only(tmp_path)
     results = evaluate_model(unlearned, config, out=tmp_path / "eval", reference=original,
                              log=lambda _: None)  # fmt: skip
     got = results["forgetting"]
@@ -89,11 +94,7 @@ def _refuse_constant(name: str):
 def test_the_original_against_itself_writes_standard_json(tmp_path):
     """Nothing rose, so there is no ratio: results.json holds null, never NaN or Infinity."""
     original = tiny_model_dir(tmp_path / "original", chat=True, seed=0)
-    harmful = tmp_path / "harmful.jsonl"
-    harmful.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    normal = tmp_path / "normal.jsonl"
-    normal.write_text("".join(json.dumps(r) + "\n" for r in NORMAL))
-    config = EvalConfig(harmful=harmful, normal=normal, n=None, generate=False, batch_size=2)
+    config = _likelihoods_only(tmp_path)
     evaluate_model(original, config, out=tmp_path / "eval", reference=original,
                    log=lambda _: None)  # fmt: skip
     text = (tmp_path / "eval" / "results.json").read_text()
