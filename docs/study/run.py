@@ -87,12 +87,14 @@ ARMS: dict[str, dict] = {
         "kl_cap": 0.3,
         "checkpoint_every": 100,
     },
-    "ga-lora": {"method": "ga", "lora": True, "steps": 200},
-    "ga": {"method": "ga", "steps": 200},
+    # the baseline as published: full fine-tuning, lr 2e-6, 1000 steps (the package's defaults
+    # for --method ga); its checkpoint at 300 steps is about SKU's training time
+    "ga": {"method": "ga", "checkpoint_every": 300},
 }
 # arms whose λ (over GRID) and twin weight c (over these) are chosen on the validation split
 SWEEP: dict[str, tuple[float, ...]] = {"sku": CONTRASTS, "sku-anchors": (1.0,)}
-CHECKPOINTS: dict[str, tuple[int, ...]] = {"sku-paper": (100,)}  # earlier points of a run
+# earlier points of a run (the baseline at 300 steps: about SKU's training time)
+CHECKPOINTS: dict[str, tuple[int, ...]] = {"sku-paper": (100,), "ga": (300,)}
 
 
 def _data(root: Path, split: str) -> dict[str, Path]:
@@ -132,8 +134,22 @@ def _fresh_sibling(run: Path, out: Path, shared: tuple[str, ...]) -> None:
         (out / name).symlink_to((run / name).resolve())
 
 
+def _model_from_checkpoint(checkpoint: Path, like: Path, out: Path) -> None:
+    """A model folder like `like` (config, tokenizer, the same tensor names and dtypes) with
+    a full fine-tuning checkpoint's weights; written beside `out`, then renamed into place."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(like, staging, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(checkpoint / "trainable.safetensors")
+    names = load_file(like / "model.safetensors")
+    tensors = {name: weights[name].to(kept.dtype) for name, kept in names.items()}
+    save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+    staging.rename(out)
+
+
 def _at_step(run: Path, step: int) -> Path:
-    """The run as it was at `step`, as a run folder of its own (LoRA runs only)."""
+    """The run as it was at `step`, as a run folder of its own (LoRA runs, or the baseline
+    with full fine-tuning, whose model is the trained model itself)."""
     out = run.parent / f"{run.name}@{step}"
     if (out / "model").is_dir():
         return out
@@ -143,6 +159,9 @@ def _at_step(run: Path, step: int) -> Path:
     seconds = summary["train_seconds"] * step / summary["steps"]
     _write_json(out / "summary.json", summary | {"steps": step, "train_seconds": round(seconds, 1)})
     checkpoint = run / "checkpoints" / f"step-{step:07d}"
+    if not (run / "stage1/adapter").is_dir():
+        _model_from_checkpoint(checkpoint, run / "model", out / "model")
+        return out
     _adapter_from_checkpoint(checkpoint, run / "stage1/adapter", out / "stage1/adapter")
     if (run / "stage1/safe-adapter").is_dir():
         twin = run / TWIN / "checkpoints" / f"step-{step:07d}"
