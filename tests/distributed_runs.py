@@ -90,6 +90,7 @@ def main(engine: str, model_dir: str, out: Path, names: list[str], flag: str | N
 
     from sku_fast.unlearn import pipeline
     from sku_fast.unlearn.config import UnlearnConfig
+    from sku_fast.unlearn.engines import end_processes
     from sku_fast.unlearn.fullstate import full_parameter
 
     if engine in ("fsdp", "deepspeed") and not torch.cuda.is_available():
@@ -134,6 +135,7 @@ def main(engine: str, model_dir: str, out: Path, names: list[str], flag: str | N
             weights = {n: full_parameter(p, keep=True) for n, p in model.trainable}
             save_file(weights, out / f"{name}.rank{rank}.safetensors")
         torch.distributed.barrier()
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -219,7 +219,11 @@ def unlearn_command(config_file: str | None, samples: bool, quiet: bool, **optio
     out = run_unlearn(resolved, progress=not quiet, also_read=read)
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:  # under `accelerate launch`: the rest is one job
+    from sku_fast.unlearn.engines import end_processes
+
+    main_process = PartialState().is_main_process
+    end_processes()
+    if not main_process:  # under `accelerate launch`: the rest is one job
         return
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     click.echo(f"stage 1: {resolved.steps} steps, last {_format(log[-1])}" if log else "")

@@ -72,6 +72,14 @@ def make_accelerator(config: UnlearnConfig) -> Accelerator:
     )
 
 
+def end_processes() -> None:
+    """Destroy the process group `accelerate launch` set up, once every process is done with
+    it: a gloo group left to the interpreter's shutdown can abort a process there ("terminate
+    called without an active exception", pytorch/pytorch#190489). No group: nothing to do."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def engine_of(accelerator: Accelerator) -> str:
     """ "none" (one process), "ddp", "fsdp" (FSDP2) or "deepspeed"."""
     from accelerate.utils import DistributedType
