@@ -59,7 +59,7 @@ def answer_nlls(
     )
 
 
-def forgetting(model: AnswerNLL, original: AnswerNLL) -> dict[str, float]:
+def forgetting(model: AnswerNLL, original: AnswerNLL) -> dict[str, float | None]:
     """The model's NLLs, their rises over the original's, and the selectivity: how many times
     more the unsafe-answer NLL rose than the safe-answer NLL; None when the safe one did not
     rise (a ratio to a fall or to nothing says nothing; the two rises say what happened)."""
