@@ -87,6 +87,17 @@ ARMS: dict[str, dict] = {
         "kl_cap": 0.3,
         "checkpoint_every": 100,
     },
+    # the paper's objective unguarded over its full 1000 steps: the runaway, run to the end
+    "sku-paper-1000": {
+        "steps": 1000,
+        "preservation": "diverge",
+        "contrast": 0.0,
+        "lam": 1.0,
+        "checkpoint_every": 100,
+    },
+    # the defaults again at another seed (data order, LoRA initialisation): how much of their
+    # result is one draw
+    "sku-seed-1": {"seed": 1},
     # the baseline as published: full fine-tuning, lr 2e-6, 1000 steps (the package's defaults
     # for --method ga); its checkpoint at 300 steps is about SKU's training time
     "ga": {"method": "ga", "checkpoint_every": 300},
