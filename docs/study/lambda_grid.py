@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from run import at_step  # docs/study/run.py: a run's checkpoint as a run folder of its own
+
 from sku_fast.engine.strict_json import to_json
 from sku_fast.eval.evaluate import EvalConfig, Reference, evaluate_model
 from sku_fast.eval.select_lambda import RunFolder
@@ -28,6 +30,13 @@ RUNS = (
     ("sku-paper", "paper, 300 steps"),
     ("sku-paper-guard", "paper + guard, 300 steps"),
     ("sku-paper-guard-1000", "paper + guard, 1000 steps"),
+    # the 1000-step runs seen at their own 100th and 300th steps (their learning rate decays
+    # over 1000 steps, so these are not the 300-step runs above)
+    ("sku-paper-1000@100", "paper 1000-step run at 100"),
+    ("sku-paper-1000@300", "paper 1000-step run at 300"),
+    ("sku-paper-1000", "paper, 1000 steps"),
+    ("sku-paper-guard-1000@100", "paper + guard 1000-step run at 100"),
+    ("sku-paper-guard-1000@300", "paper + guard 1000-step run at 300"),
 )
 KEYS = ("unsafe_rise", "safe_rise", "normal_rise", "normal_rise_relative", "selectivity")
 
@@ -51,7 +60,8 @@ def main(root: Path) -> None:
                         n=N, generate=False)  # fmt: skip
     reference = Reference.load(None)
     for name, label in RUNS:
-        folder = RunFolder.open(root / name)
+        run, _, step = name.partition("@")
+        folder = RunFolder.open(at_step(root / run, int(step)) if step else root / name)
         for lam in LAMBDAS:
             if (name, lam) in have:
                 continue

@@ -158,7 +158,7 @@ def _model_from_checkpoint(checkpoint: Path, like: Path, out: Path) -> None:
     staging.rename(out)
 
 
-def _at_step(run: Path, step: int) -> Path:
+def at_step(run: Path, step: int) -> Path:
     """The run as it was at `step`, as a run folder of its own (LoRA runs, or the baseline
     with full fine-tuning, whose model is the trained model itself)."""
     out = run.parent / f"{run.name}@{step}"
@@ -246,7 +246,7 @@ def main(root: Path, arms: list[str]) -> None:
     _evaluate(root, "original", None)
     for name in arms:
         run = _train(root, name)
-        folders = [run, *(_at_step(run, step) for step in CHECKPOINTS.get(name, ()))]
+        folders = [run, *(at_step(run, step) for step in CHECKPOINTS.get(name, ()))]
         for folder in folders:
             if name in SWEEP:  # the defaults first: they need no sweep
                 defaults = _at_defaults(folder)
