@@ -104,8 +104,13 @@ ARMS: dict[str, dict] = {
 }
 # arms whose λ (over GRID) and twin weight c (over these) are chosen on the validation split
 SWEEP: dict[str, tuple[float, ...]] = {"sku": CONTRASTS, "sku-anchors": (1.0,)}
-# earlier points of a run (the baseline at 300 steps: about SKU's training time)
-CHECKPOINTS: dict[str, tuple[int, ...]] = {"sku-paper": (100,), "ga": (300,)}
+# earlier points of a run (the baseline at 300 steps: about SKU's training time; the guard at
+# 100 steps, beside the unguarded objective's)
+CHECKPOINTS: dict[str, tuple[int, ...]] = {
+    "sku-paper": (100,),
+    "sku-paper-guard-1000": (100,),
+    "ga": (300,),
+}
 
 
 def _data(root: Path, split: str) -> dict[str, Path]:
